@@ -1,0 +1,1 @@
+"""Token factory: an energy-aware inference runtime (vLLM replicas on Ray Serve)."""

@@ -1,0 +1,103 @@
+"""The Ray Serve application graph, built from a FactoryConfig.
+
+    HTTP proxy -> FactoryIngress (OpenAI routes, errors, /ready, /metrics)
+                     | DeploymentHandle per model
+                     v
+                  FactoryLLMServer x replicas (vLLM AsyncLLM + vLLM OpenAI serving)
+    StateHub <- replicas report liveness + engine metrics; ingress reads it
+
+Built with Ray Serve LLM's own pieces (`LLMConfig`, `build_llm_deployment`, `server_cls`), so
+vLLM's serving code answers every OpenAI request.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+from ray.serve.deployment import Application
+from ray.serve.llm import LLMConfig, build_llm_deployment
+
+from factory.api.ingress import make_ingress_class
+from factory.config import FactoryConfig, ModelConfig
+from factory.engine.server import FactoryLLMServer, LocalModelCallback
+from factory.hub import StateHub
+from factory.models import ResolvedModel
+
+APP_NAME = "factory"
+
+
+def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:
+    """Whether this model's replicas run on GPUs: its `device`, with auto = what the node has."""
+    return model.device == "cuda" or (model.device == "auto" and gpu_available)
+
+
+def llm_config_for(model: ModelConfig, resolved: ResolvedModel, gpu: bool, drain_timeout_s: float) -> LLMConfig:
+    engine_kwargs = {
+        "dtype": model.dtype if model.dtype != "auto" else ("auto" if gpu else "float32"),
+        "max_model_len": model.max_model_len,
+        "max_num_seqs": model.max_num_seqs,
+        "tensor_parallel_size": model.tensor_parallel_size,
+        **model.engine_kwargs,
+    }
+    if model.max_num_batched_tokens is not None:
+        engine_kwargs["max_num_batched_tokens"] = model.max_num_batched_tokens
+    env = {}
+    if gpu:
+        engine_kwargs["gpu_memory_utilization"] = model.gpu_memory_utilization
+    else:
+        # vLLM reads the CPU KV-cache size (whole GiB) from the environment of its engine process.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(model.cpu_kv_cache_gib)))
+    placement = {}
+    if not gpu:
+        # Ray Serve LLM asks for a GPU per engine by default; on CPU the bundle holds the
+        # replica's CPUs instead (the replica actor itself then reserves none).
+        placement = {"placement_group_config": {"bundles": [{"CPU": model.replica_num_cpus}]}}
+    return LLMConfig(
+        model_loading_config={"model_id": model.served_name, "model_source": resolved.path_or_id},
+        engine_kwargs=engine_kwargs,
+        deployment_config={
+            "num_replicas": model.replicas,
+            "ray_actor_options": {"num_cpus": model.replica_num_cpus if gpu else 0},
+            "graceful_shutdown_timeout_s": drain_timeout_s,
+        },
+        runtime_env={"env_vars": env} if env else None,
+        server_cls=FactoryLLMServer,
+        # Our replicas report vLLM's own Prometheus families through the state hub instead of
+        # Ray's metrics agent, so /metrics on the API port carries them.
+        log_engine_metrics=False,
+        experimental_configs={"stream_batching_interval_ms": model.stream_batching_interval_ms},
+        callback_config={"callback_class": LocalModelCallback} if resolved.kind != "hf" else {},
+        **placement,
+    )
+
+
+def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gpu_available: bool) -> Application:
+    """The whole factory as one Serve application (one ingress, one hub, N model deployments)."""
+    drain_s = cfg.server.drain_timeout_s
+    hub = serve.deployment(
+        StateHub,
+        name="StateHub",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=10_000,
+        logging_config={"enable_access_log": False},  # polled several times a second
+    ).bind({m.served_name: m.replicas for m in cfg.models})
+
+    llm_configs = [llm_config_for(m, resolved[m.served_name], on_gpu(m, gpu_available), drain_s) for m in cfg.models]
+    llm_deployments = {c.model_id: build_llm_deployment(c, bind_kwargs={"hub": hub}) for c in llm_configs}
+    model_cards = {c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs}
+
+    ingress = serve.deployment(
+        make_ingress_class(),
+        name="FactoryIngress",
+        num_replicas=1,
+        # The ingress does little CPU work per request; reserving none lets it be placed on a
+        # 2-core machine beside the engines.
+        ray_actor_options={
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": {"RAY_SERVE_LLM_ROUTER_HTTP_TIMEOUT": str(cfg.server.request_timeout_s)}},
+        },
+        max_ongoing_requests=100_000,
+        graceful_shutdown_timeout_s=drain_s,
+    )
+    return ingress.bind(llm_deployments=llm_deployments, model_cards=model_cards, hub=hub)

@@ -1,0 +1,211 @@
+"""The factory's one configuration model, loaded from YAML and validated before anything starts.
+
+Every field is documented where it is declared; `configs/default.yaml` spells out the embedded
+default (a test keeps the two in step). Unknown keys are errors, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names each bad field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds to. Loopback by default.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port of the OpenAI-compatible API.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Longest a single request may take end to end before it is cut."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM/Ctrl-C, how long in-flight requests get to finish."
+    )
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when only this machine can reach the server."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description="Ray cluster to join (e.g. 'auto' or 'ray://head:10001'); null starts a local one."
+    )
+    num_cpus: int | None = Field(
+        8,
+        ge=1,
+        description=(
+            "Logical CPUs a local Ray advertises. More than the cores on purpose: Ray schedules by "
+            "logical CPUs, and on a 2-core machine the ingress would otherwise never be placed."
+        ),
+    )
+    dashboard: bool = Field(False, description="Start Ray's own dashboard (costs memory and a process).")
+
+
+class ModelConfig(_Strict):
+    name: str | None = Field(
+        None, description="Model id clients send as `model`. Defaults to the source's short name."
+    )
+    source: str = Field(
+        "smollm2-135m",
+        description="An embedded model name, a local model directory, or a Hugging Face id passed to vLLM as is.",
+    )
+    replicas: int = Field(1, ge=1, description="vLLM replicas of this model (one per GPU or GPU group).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where replicas run; auto = cuda when an NVIDIA GPU is visible, else cpu."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description=(
+            "Weight dtype. auto = the checkpoint's dtype on GPU, float32 on CPU: vLLM's compiled bf16 "
+            "CPU path flips near-tie tokens of small models (SmolLM2-135M answers the reference "
+            "question wrongly in bf16, rightly in fp32), and a CPU replica is for development."
+        ),
+    )
+    max_model_len: int = Field(2048, ge=16, description="Context length in tokens (prompt + completion).")
+    max_num_seqs: int = Field(
+        64, ge=1, description="Most requests a replica runs at once; runtime caps only ever go below it."
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="Most tokens one engine step carries; null lets vLLM choose."
+    )
+    cpu_kv_cache_gib: float = Field(
+        1.0, gt=0, description="KV-cache size per replica on CPU (VLLM_CPU_KVCACHE_SPACE), GiB."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may take on GPU replicas."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (tensor parallelism).")
+    replica_num_cpus: float = Field(
+        1.0, ge=0, description="Logical Ray CPUs each replica reserves (placement only, not a core pin)."
+    )
+    stream_batching_interval_ms: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "Ray Serve LLM groups streamed chunks over this window before sending them across the "
+            "Ray hop. 0 sends each chunk as soon as it exists (lowest latency)."
+        ),
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine arguments, passed through unchanged (e.g. enable_prefix_caching).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_usable(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or any(c.isspace() for c in v)):
+            raise ValueError("must be a non-empty id without spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _engine_kwargs_do_not_shadow_fields(self) -> ModelConfig:
+        shadowed = sorted(set(self.engine_kwargs) & _SHADOWED_ENGINE_KWARGS)
+        if shadowed:
+            raise ValueError(f"engine_kwargs may not set {', '.join(shadowed)}: use the model field of the same name")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        """The id clients use; derived from the source when `name` is not set."""
+        if self.name:
+            return self.name
+        src = self.source.rstrip("/")
+        return Path(src).name if ("/" in src and Path(src).expanduser().exists()) else src
+
+
+_SHADOWED_ENGINE_KWARGS = {
+    "model",
+    "dtype",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+}
+
+
+class FactoryConfig(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP side.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig()], min_length=1, description="Models to serve, each with its replicas."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Terminal log level.")
+
+    @model_validator(mode="after")
+    def _model_ids_unique(self) -> FactoryConfig:
+        names = [m.served_name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"models: served names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, origin: str = "config") -> FactoryConfig:
+    """Validate a mapping (already parsed YAML) into a FactoryConfig, or raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return FactoryConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{origin} is invalid:\n{_format_errors(err)}") from None
+
+
+def load_config(path: str | Path | None = None) -> FactoryConfig:
+    """Load and validate a YAML config; None means the embedded default (configs/default.yaml)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if not path.exists():
+        if path == DEFAULT_CONFIG_PATH:
+            return FactoryConfig()
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return parse_config(data, origin=str(path))
+
+
+def with_overrides(cfg: FactoryConfig, **sections: dict[str, Any]) -> FactoryConfig:
+    """A copy of `cfg` with fields replaced per section (CLI flags win over the file), re-validated.
+
+    `with_overrides(cfg, server={"port": 9000}, ray={"address": None})`: None values are ignored.
+    """
+    data = cfg.model_dump()
+    changed = False
+    for section, fields in sections.items():
+        for key, value in fields.items():
+            if value is not None:
+                data[section][key] = value
+                changed = True
+    return parse_config(data, origin="command line") if changed else cfg

@@ -1,0 +1,259 @@
+"""`factory serve`: start (or join) Ray, deploy the application, wait until it answers, and on
+SIGINT/SIGTERM drain in-flight requests and take everything down, leaving no process behind.
+
+Two processes: the one the user started (the supervisor) and the launcher it spawns in a new
+session. Ray's local daemons are children of the launcher, so they sit outside the terminal's
+process group: Ctrl-C (or `timeout`, or a process manager signalling the group) reaches only
+the supervisor, which asks the launcher to drain, instead of killing the raylet mid-request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+
+from factory.config import FactoryConfig, parse_config
+from factory.models import ModelPullError, ModelSourceError, ResolvedModel, resolve
+
+log = logging.getLogger("factory")
+
+READY_POLL_S = 1.0
+
+
+def detect_gpu() -> bool:
+    """True when NVML sees at least one NVIDIA GPU on this node."""
+    try:
+        import pynvml  # from nvidia-ml-py
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount() > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return False
+
+
+def resolve_models(cfg: FactoryConfig) -> dict[str, ResolvedModel]:
+    """Resolve every model source before Ray starts (pulls embedded models on first use)."""
+    return {m.served_name: resolve(m.source) for m in cfg.models}
+
+
+def _local_url(cfg: FactoryConfig) -> str:
+    host = cfg.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    return f"http://{host}:{cfg.server.port}"
+
+
+def _ready(base_url: str) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(base_url + "/ready", timeout=2) as r:
+            return r.status == 200, "ready"
+    except urllib.error.HTTPError as err:
+        try:
+            return False, json.loads(err.read())["error"]["message"]
+        except Exception:
+            return False, f"HTTP {err.code}"
+    except Exception as err:
+        return False, f"not answering yet ({type(err).__name__})"
+
+
+def _banner(cfg: FactoryConfig, elapsed_s: float) -> str:
+    url = _local_url(cfg)
+    model = cfg.models[0].served_name
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    return (
+        f"\nToken Factory ready in {elapsed_s:.1f}s at {url}  (OpenAI API under {url}/v1)\n"
+        f"Try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
+        f"Metrics: {url}/metrics   Ctrl-C to stop.\n"
+    )
+
+
+class _Stop:
+    """SIGINT/SIGTERM -> an event the main thread waits on (no work in the signal handler)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.event.set()
+
+
+def serve_forever(cfg: FactoryConfig) -> int:
+    """Run the factory until a signal; returns the process exit code."""
+    import ray
+    from ray import serve
+
+    from factory.app import APP_NAME, build_application
+
+    started = time.monotonic()
+    stop = _Stop()
+    stop.install()
+    try:
+        resolved = resolve_models(cfg)  # before Ray: a bad source fails fast, with nothing to stop
+    except (ModelPullError, ModelSourceError) as err:
+        log.error("%s", err)
+        return 2
+    gpu_available = detect_gpu()
+    log.info("models: %s; NVIDIA GPU %s", {k: v.path_or_id for k, v in resolved.items()}, "found" if gpu_available else "not found")
+
+    joined = cfg.ray.address is not None
+    if joined:
+        ray.init(address=cfg.ray.address, namespace="factory")
+    else:
+        # Ray starts workers at nice 15; the engine then loses the CPU to everything else on the
+        # node. Stock vLLM runs at nice 0, and so do we (DESIGN §3).
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, namespace="factory")
+    stop.install()  # ray.init installs handlers of its own; ours must win so we can drain.
+    outcome = 1
+    try:
+        serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+        app = build_application(cfg, resolved, gpu_available)
+        deploy_error: list[BaseException] = []
+
+        def deploy() -> None:
+            try:
+                serve.run(app, name=APP_NAME, route_prefix="/")
+            except BaseException as err:  # reported by the main thread
+                deploy_error.append(err)
+
+        threading.Thread(target=deploy, name="factory-deploy", daemon=True).start()
+        outcome = _wait(cfg, stop, deploy_error, started)
+    finally:
+        _shutdown(cfg, joined, stop)
+    return outcome
+
+
+def _wait(cfg: FactoryConfig, stop: _Stop, deploy_error: list[BaseException], started: float) -> int:
+    base = _local_url(cfg)
+    announced, last_state = False, ""
+    while not stop.event.wait(READY_POLL_S):
+        if deploy_error:
+            log.error("deployment failed: %s", deploy_error[0])
+            return 1
+        if announced:
+            continue
+        ok, state = _ready(base)
+        if ok:
+            print(_banner(cfg, time.monotonic() - started), flush=True)
+            announced = True
+        elif state != last_state:
+            log.info("waiting for replicas: %s", state)
+            last_state = state
+    log.info("%s received: draining in-flight requests (up to %.0fs)", stop.signal_name, cfg.server.drain_timeout_s)
+    return 0
+
+
+def _shutdown(cfg: FactoryConfig, joined: bool, stop: _Stop) -> None:
+    import ray
+    from ray import serve
+
+    from factory.app import APP_NAME
+
+    # A second signal during shutdown should not interrupt the drain half-way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    me = psutil.Process(os.getpid())
+    _drain(cfg.server.drain_timeout_s)
+    try:
+        if joined:
+            serve.delete(APP_NAME)  # leave the shared cluster's Serve running for others
+        else:
+            serve.shutdown()
+    except Exception as err:
+        log.warning("serve shutdown: %s", err)
+    descendants = me.children(recursive=True)
+    ray.shutdown()
+    _reap(descendants)
+    log.info("stopped")
+
+
+def _drain(timeout_s: float) -> None:
+    """Refuse new requests, then wait until the ingresses report none in flight."""
+    from ray import serve
+
+    from factory.app import APP_NAME
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        hub = serve.get_deployment_handle("StateHub", app_name=APP_NAME)
+        hub.start_draining.remote().result(timeout_s=10)
+        while time.monotonic() < deadline:
+            in_flight = hub.in_flight.remote().result(timeout_s=10)
+            if in_flight == 0:
+                log.info("drained: no request in flight")
+                return
+            time.sleep(0.25)
+        log.warning("drain timeout (%.0fs): stopping with requests still in flight", timeout_s)
+    except Exception as err:  # app never came up, or is already gone: nothing to drain
+        log.info("nothing to drain (%s)", type(err).__name__)
+
+
+def _reap(procs: list[psutil.Process], grace_s: float = 10.0) -> None:
+    """Ray stops its own processes; anything it left (engine workers) is ended here."""
+    alive = [p for p in procs if p.is_running()]
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def supervise(cfg: FactoryConfig) -> int:
+    """Run the launcher in its own session and relay SIGINT/SIGTERM to it as SIGTERM."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "factory.launcher", cfg.model_dump_json()], start_new_session=True
+    )
+
+    def relay(signum, _frame) -> None:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, relay)
+    while True:
+        try:
+            return child.wait()
+        except InterruptedError:
+            continue
+
+
+def setup_logging(level: str) -> None:
+    """Our own handler on the `factory` logger: Ray restyles the root logger in its processes."""
+    logger = logging.getLogger("factory")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+if __name__ == "__main__":
+    _cfg = parse_config(json.loads(sys.argv[1]), origin="factory serve")
+    setup_logging(_cfg.log_level)
+    sys.exit(serve_forever(_cfg))

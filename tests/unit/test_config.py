@@ -1,0 +1,94 @@
+"""Config validation: every bad field is reported by name with the reason, before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from factory.config import DEFAULT_CONFIG_PATH, ConfigError, FactoryConfig, load_config, parse_config, with_overrides
+
+FACTORY_BIN = Path(sys.executable).with_name("factory")
+
+
+def test_default_yaml_is_exactly_the_built_in_default():
+    assert load_config(DEFAULT_CONFIG_PATH) == FactoryConfig()
+    assert load_config(None) == FactoryConfig()
+
+
+def test_embedded_default_is_loopback_smollm_on_port_8000():
+    cfg = FactoryConfig()
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8000)
+    assert cfg.server.is_loopback
+    assert [m.served_name for m in cfg.models] == ["smollm2-135m"]
+
+
+@pytest.mark.parametrize(
+    "data, where, why",
+    [
+        ({"server": {"port": 70000}}, "server.port", "less than or equal to 65535"),
+        ({"server": {"prot": 8000}}, "server.prot", "Extra inputs are not permitted"),
+        ({"models": []}, "models", "at least 1 item"),
+        ({"models": [{"replicas": 0}]}, "models.0.replicas", "greater than or equal to 1"),
+        ({"models": [{"dtype": "int3"}]}, "models.0.dtype", "'bfloat16'"),
+        ({"models": [{"max_model_len": "long"}]}, "models.0.max_model_len", "valid integer"),
+        ({"models": [{"engine_kwargs": {"max_model_len": 9}}]}, "models.0", "engine_kwargs may not set max_model_len"),
+        ({"models": [{"name": "a b"}]}, "models.0.name", "without spaces"),
+        ({"log_level": "loud"}, "log_level", "'debug'"),
+    ],
+)
+def test_bad_field_is_named_with_reason(data, where, why):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    text = str(exc.value)
+    assert f"  {where}:" in text
+    assert why in text
+
+
+def test_duplicate_served_names_are_rejected():
+    with pytest.raises(ConfigError, match="repeated: m"):
+        parse_config({"models": [{"name": "m"}, {"name": "m", "source": "org/other"}]})
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"server": {"port": 0, "host": 5}, "ray": {"num_cpus": 0}})
+    text = str(exc.value)
+    assert "server.port" in text and "server.host" in text and "ray.num_cpus" in text
+
+
+def test_yaml_errors_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(listy)
+
+
+def test_cli_overrides_win_and_are_validated():
+    cfg = with_overrides(FactoryConfig(), server={"port": 9001, "host": None}, ray={"address": "auto"})
+    assert cfg.server.port == 9001 and cfg.server.host == "127.0.0.1" and cfg.ray.address == "auto"
+    with pytest.raises(ConfigError, match="server.port"):
+        with_overrides(FactoryConfig(), server={"port": 0})
+
+
+def test_public_bind_is_not_loopback():
+    assert not parse_config({"server": {"host": "0.0.0.0"}}).server.is_loopback
+    assert parse_config({"server": {"host": "::1"}}).server.is_loopback
+
+
+def test_serve_refuses_a_bad_config_before_starting_anything(tmp_path):
+    cfg = tmp_path / "factory.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [{"replicas": -1}]}))
+    r = subprocess.run([str(FACTORY_BIN), "serve", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "models.0.replicas" in r.stderr
+    assert "Ray" not in r.stderr + r.stdout  # nothing was started
