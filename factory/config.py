@@ -89,7 +89,12 @@ class ModelConfig(_Strict):
         None, ge=16, description="Most tokens one engine step carries; null lets vLLM choose."
     )
     cpu_kv_cache_gib: float = Field(
-        1.0, gt=0, description="KV-cache size per replica on CPU (VLLM_CPU_KVCACHE_SPACE), GiB."
+        0.5,
+        gt=0,
+        description=(
+            "KV-cache size per replica on CPU, GiB (fractions allowed). 0.5 GiB holds ~11.6k fp32 "
+            "tokens of SmolLM2-135M: 64 running requests of ~180 tokens each."
+        ),
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may take on GPU replicas."
@@ -142,6 +147,7 @@ _SHADOWED_ENGINE_KWARGS = {
     "max_num_batched_tokens",
     "gpu_memory_utilization",
     "tensor_parallel_size",
+    "kv_cache_memory_bytes",
 }
 
 

@@ -9,6 +9,7 @@ the supervisor, which asks the launcher to drain, instead of killing the raylet 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from factory.config import FactoryConfig, parse_config
 from factory.models import ModelPullError, ModelSourceError, ResolvedModel, resolve
 
 log = logging.getLogger("factory")
+
+APP_NAME = "factory"
 
 READY_POLL_S = 1.0
 
@@ -100,7 +103,8 @@ def serve_forever(cfg: FactoryConfig) -> int:
     import ray
     from ray import serve
 
-    from factory.app import APP_NAME, build_application
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
     started = time.monotonic()
     stop = _Stop()
@@ -120,33 +124,41 @@ def serve_forever(cfg: FactoryConfig) -> int:
         # Ray starts workers at nice 15; the engine then loses the CPU to everything else on the
         # node. Stock vLLM runs at nice 0, and so do we (DESIGN §3).
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # An operator's node does not report usage to Ray's maintainers unless it opts in.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, namespace="factory")
     stop.install()  # ray.init installs handlers of its own; ours must win so we can drain.
     outcome = 1
     try:
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
-        app = build_application(cfg, resolved, gpu_available)
-        deploy_error: list[BaseException] = []
-
-        def deploy() -> None:
-            try:
-                serve.run(app, name=APP_NAME, route_prefix="/")
-            except BaseException as err:  # reported by the main thread
-                deploy_error.append(err)
-
-        threading.Thread(target=deploy, name="factory-deploy", daemon=True).start()
-        outcome = _wait(cfg, stop, deploy_error, started)
+        # Deploy by import path: Serve builds the graph in a short-lived task, so this process
+        # never imports vLLM and torch (~520 MB it would hold for the server's whole life).
+        app = ServeApplicationSchema(
+            name=APP_NAME,
+            route_prefix="/",
+            import_path="factory.app:build",
+            args={
+                "config": cfg.model_dump(mode="json"),
+                "resolved": {name: dataclasses.asdict(r) for name, r in resolved.items()},
+                "gpu_available": gpu_available,
+            },
+        )
+        _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
+        outcome = _wait(cfg, stop, started)
     finally:
         _shutdown(cfg, joined, stop)
     return outcome
 
 
-def _wait(cfg: FactoryConfig, stop: _Stop, deploy_error: list[BaseException], started: float) -> int:
+def _wait(cfg: FactoryConfig, stop: _Stop, started: float) -> int:
+    from ray import serve
+
     base = _local_url(cfg)
     announced, last_state = False, ""
     while not stop.event.wait(READY_POLL_S):
-        if deploy_error:
-            log.error("deployment failed: %s", deploy_error[0])
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            log.error("deployment failed: %s", app.message)
             return 1
         if announced:
             continue
@@ -164,8 +176,6 @@ def _wait(cfg: FactoryConfig, stop: _Stop, deploy_error: list[BaseException], st
 def _shutdown(cfg: FactoryConfig, joined: bool, stop: _Stop) -> None:
     import ray
     from ray import serve
-
-    from factory.app import APP_NAME
 
     # A second signal during shutdown should not interrupt the drain half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -188,8 +198,6 @@ def _shutdown(cfg: FactoryConfig, joined: bool, stop: _Stop) -> None:
 def _drain(timeout_s: float) -> None:
     """Refuse new requests, then wait until the ingresses report none in flight."""
     from ray import serve
-
-    from factory.app import APP_NAME
 
     deadline = time.monotonic() + timeout_s
     try:

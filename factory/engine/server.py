@@ -30,6 +30,11 @@ class FactoryLLMServer(LLMServer):
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
         log.info("replica %s of %s serving", self._replica_id, self._model)
 
+    async def _start_engine(self) -> None:
+        # LLMServer._start_engine also pushes a Ray usage-telemetry report, which creates a
+        # detached actor process on the head node (~225 MB resident) that nobody asked for.
+        await self.engine.start()
+
     async def _report_forever(self) -> None:
         while True:
             try:
