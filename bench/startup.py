@@ -53,7 +53,15 @@ def _memory(root: psutil.Process) -> dict:
             continue
         rss += info.rss
         pss += getattr(info, "pss", info.rss)
-        rows.append({"pid": p.pid, "name": p.name(), "cmd": name, "rss_mib": info.rss / 2**20, "pss_mib": getattr(info, "pss", 0) / 2**20})
+        rows.append(
+            {
+                "pid": p.pid,
+                "name": p.name(),
+                "cmd": name,
+                "rss_mib": info.rss / 2**20,
+                "pss_mib": getattr(info, "pss", 0) / 2**20,
+            }
+        )
     rows.sort(key=lambda r: -r["pss_mib"])
     return {"processes": len(rows), "rss_gib": rss / 2**30, "pss_gib": pss / 2**30, "top": rows[:12]}
 
@@ -83,9 +91,10 @@ def main() -> int:
         os.killpg(proc.pid, signal.SIGTERM)  # like Ctrl-C in the terminal: the whole group
         proc.wait(180)
         psutil.wait_procs(family, timeout=180)  # the launcher drains after make has returned
+    gpu = "NVIDIA GPU present" if os.path.exists("/dev/nvidia0") else "no GPU"
+    mem_gib = psutil.virtual_memory().total / 2**30
     result = {
-        "where": f"{platform.node()} ({psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU)"
-        if not os.path.exists("/dev/nvidia0") else platform.node(),
+        "where": f"{platform.node()} ({psutil.cpu_count()} CPUs, {mem_gib:.0f} GiB, {gpu})",
         "command": args.command,
         "first_answer_s": round(t_answer - t0, 1),
         "answer": text,

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from factory.models import default_served_name
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
@@ -62,9 +64,7 @@ class RayConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str | None = Field(
-        None, description="Model id clients send as `model`. Defaults to the source's short name."
-    )
+    name: str | None = Field(None, description="Model id clients send as `model`. Defaults to the source's short name.")
     source: str = Field(
         "smollm2-135m",
         description="An embedded model name, a local model directory, or a Hugging Face id passed to vLLM as is.",
@@ -133,10 +133,7 @@ class ModelConfig(_Strict):
     @property
     def served_name(self) -> str:
         """The id clients use; derived from the source when `name` is not set."""
-        if self.name:
-            return self.name
-        src = self.source.rstrip("/")
-        return Path(src).name if ("/" in src and Path(src).expanduser().exists()) else src
+        return self.name or default_served_name(self.source)
 
 
 _SHADOWED_ENGINE_KWARGS = {

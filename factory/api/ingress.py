@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
+from ray import serve
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -20,7 +21,6 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     ModelList,
 )
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
-from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response
 
@@ -122,7 +122,10 @@ def _check_messages(messages: list) -> None:
         calls = msg.get("tool_calls") if isinstance(msg, dict) else getattr(msg, "tool_calls", None)
         if content is None and not (role == "assistant" and calls):
             raise APIError(
-                400, f"Missing required parameter 'messages[{i}].content'.", param=f"messages[{i}].content", code="missing_required_parameter"
+                400,
+                f"Missing required parameter 'messages[{i}].content'.",
+                param=f"messages[{i}].content",
+                code="missing_required_parameter",
             )
 
 

@@ -23,7 +23,10 @@ class FactoryMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "factory_http_requests", "HTTP requests answered by the ingress.", ["path", "status"], registry=self.registry
+            "factory_http_requests",
+            "HTTP requests answered by the ingress.",
+            ["path", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
             "factory_http_request_duration_seconds",
@@ -37,7 +40,10 @@ class FactoryMetrics:
             "factory_http_requests_in_flight", "Requests admitted and not yet fully answered.", registry=self.registry
         ).set_function(lambda: self.in_flight_now)
         self.replicas_serving = Gauge(
-            "factory_replicas_serving", "Replicas that reported in the last few seconds.", ["model"], registry=self.registry
+            "factory_replicas_serving",
+            "Replicas that reported in the last few seconds.",
+            ["model"],
+            registry=self.registry,
         )
         self.replicas_expected = Gauge(
             "factory_replicas_expected", "Replicas the config asks for.", ["model"], registry=self.registry

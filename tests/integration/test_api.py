@@ -121,7 +121,16 @@ USER = [{"role": "user", "content": "hi"}]
         ({"model": TINY_MODEL, "messages": USER, "max_tokens": 0}, "max_tokens"),
         ({"model": TINY_MODEL, "messages": USER, "max_tokens": -5}, "max_tokens"),
     ],
-    ids=["messages-not-list", "max-tokens-str", "temperature-str", "message-no-content", "no-messages", "empty-messages", "max-tokens-0", "max-tokens-negative"],
+    ids=[
+        "messages-not-list",
+        "max-tokens-str",
+        "temperature-str",
+        "message-no-content",
+        "no-messages",
+        "empty-messages",
+        "max-tokens-0",
+        "max-tokens-negative",
+    ],
 )
 def test_bad_chat_requests_are_400(base_url, body, param):
     err = _assert_openai_error(httpx.post(base_url + CHAT, json=body), 400)
@@ -131,7 +140,9 @@ def test_bad_chat_requests_are_400(base_url, body, param):
 
 
 def test_malformed_json_is_400(base_url):
-    r = httpx.post(base_url + CHAT, content=b'{"model": "tiny", "messages": [', headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        base_url + CHAT, content=b'{"model": "tiny", "messages": [', headers={"Content-Type": "application/json"}
+    )
     err = _assert_openai_error(r, 400)
     assert "JSON" in err["message"]
 

@@ -37,7 +37,10 @@ def smollm_factory(tmp_path_factory):
 def test_smollm_knows_the_capital_of_france(smollm_factory):
     client = OpenAI(base_url=smollm_factory.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
     r = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=32, temperature=0
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=32,
+        temperature=0,
     )
     assert "Paris" in r.choices[0].message.content
 

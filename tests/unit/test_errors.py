@@ -7,7 +7,9 @@ from factory.api.errors import error_body, upstream_error
 
 def test_error_body_has_exactly_the_openai_keys():
     body = error_body(400, "bad", param="messages", code="invalid_value")
-    assert body == {"error": {"message": "bad", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}}
+    assert body == {
+        "error": {"message": "bad", "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}
+    }
     assert error_body(503, "wait")["error"]["type"] == "service_unavailable_error"
     assert error_body(502, "x")["error"]["type"] == "server_error"
 

