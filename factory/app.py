@@ -31,7 +31,8 @@ def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:
 
 def llm_config_for(model: ModelConfig, resolved: ResolvedModel, gpu: bool, drain_timeout_s: float) -> LLMConfig:
     engine_kwargs = {
-        "dtype": model.dtype if model.dtype != "auto" else ("auto" if gpu else "float32"),
+        "dtype": model.dtype,
+        "enforce_eager": model.enforce_eager if model.enforce_eager is not None else not gpu,
         "max_model_len": model.max_model_len,
         "max_num_seqs": model.max_num_seqs,
         "tensor_parallel_size": model.tensor_parallel_size,
@@ -45,9 +46,9 @@ def llm_config_for(model: ModelConfig, resolved: ResolvedModel, gpu: bool, drain
     else:
         # The engine argument takes bytes (VLLM_CPU_KVCACHE_SPACE, its legacy twin, whole GiB only).
         engine_kwargs["kv_cache_memory_bytes"] = int(model.cpu_kv_cache_gib * 2**30)
-        # vllm-cpu 0.32 + torch 2.13 writes AOT-compiled artifacts it cannot load back ("'function'
-        # object has no attribute 'finalize_loading'") and recompiles on every start (~45 s for
-        # SmolLM2 on 2 cores). Without AOT, inductor's own cache hits: engine init 65 s -> 25 s.
+        # If compiled (enforce_eager: false): vllm-cpu 0.32 + torch 2.13 writes AOT artifacts it
+        # cannot load back ("'function' object has no attribute 'finalize_loading'") and
+        # recompiles at every start (~45 s for SmolLM2 on 2 cores); inductor's own cache works.
         env["VLLM_USE_AOT_COMPILE"] = "0"
     placement = {}
     if not gpu:

