@@ -149,7 +149,7 @@ def serve_forever(cfg: FactoryConfig) -> int:
         _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
         outcome = _wait(cfg, stop, started)
     finally:
-        _shutdown(cfg, joined, stop)
+        _shutdown(cfg, joined)
     return outcome
 
 
@@ -176,7 +176,7 @@ def _wait(cfg: FactoryConfig, stop: _Stop, started: float) -> int:
     return 0
 
 
-def _shutdown(cfg: FactoryConfig, joined: bool, stop: _Stop) -> None:
+def _shutdown(cfg: FactoryConfig, joined: bool) -> None:
     import ray
     from ray import serve
 
@@ -244,11 +244,7 @@ def supervise(cfg: FactoryConfig) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, relay)
-    while True:
-        try:
-            return child.wait()
-        except InterruptedError:
-            continue
+    return child.wait()  # PEP 475: a relayed signal does not interrupt the wait
 
 
 def setup_logging(level: str) -> None:
