@@ -40,21 +40,19 @@ def llm_config_for(model: ModelConfig, resolved: ResolvedModel, gpu: bool, drain
     }
     if model.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = model.max_num_batched_tokens
-    env = {}
+    env, placement = {}, {}
     if gpu:
         engine_kwargs["gpu_memory_utilization"] = model.gpu_memory_utilization
     else:
+        # Ray Serve LLM asks for a GPU per engine by default; on CPU the bundle holds the
+        # replica's CPUs instead (the replica actor itself then reserves none).
+        placement = {"placement_group_config": {"bundles": [{"CPU": model.replica_num_cpus}]}}
         # The engine argument takes bytes (VLLM_CPU_KVCACHE_SPACE, its legacy twin, whole GiB only).
         engine_kwargs["kv_cache_memory_bytes"] = int(model.cpu_kv_cache_gib * 2**30)
         # If compiled (enforce_eager: false): vllm-cpu 0.32 + torch 2.13 writes AOT artifacts it
         # cannot load back ("'function' object has no attribute 'finalize_loading'") and
         # recompiles at every start (~45 s for SmolLM2 on 2 cores); inductor's own cache works.
         env["VLLM_USE_AOT_COMPILE"] = "0"
-    placement = {}
-    if not gpu:
-        # Ray Serve LLM asks for a GPU per engine by default; on CPU the bundle holds the
-        # replica's CPUs instead (the replica actor itself then reserves none).
-        placement = {"placement_group_config": {"bundles": [{"CPU": model.replica_num_cpus}]}}
     return LLMConfig(
         model_loading_config={"model_id": model.served_name, "model_source": resolved.path_or_id},
         engine_kwargs=engine_kwargs,

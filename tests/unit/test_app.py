@@ -1,0 +1,58 @@
+"""How a model's config becomes Ray Serve LLM's LLMConfig, on CPU and on GPU nodes."""
+
+from __future__ import annotations
+
+from factory.app import llm_config_for, on_gpu
+from factory.config import ModelConfig
+from factory.engine.server import FactoryLLMServer, LocalModelCallback
+from factory.models import ResolvedModel
+
+LOCAL = ResolvedModel("/m/tiny", "/m/tiny", "local", "tiny")
+HF = ResolvedModel("org/model", "org/model", "hf", "org/model")
+
+
+def test_cpu_replica_is_eager_with_its_kv_cache_in_bytes_and_a_cpu_bundle():
+    c = llm_config_for(ModelConfig(source="/m/tiny", cpu_kv_cache_gib=0.25), LOCAL, gpu=False, drain_timeout_s=7)
+    assert c.engine_kwargs["enforce_eager"] is True
+    assert c.engine_kwargs["dtype"] == "auto"
+    assert c.engine_kwargs["kv_cache_memory_bytes"] == 2**28
+    assert "gpu_memory_utilization" not in c.engine_kwargs
+    assert c.placement_group_config == {"bundles": [{"CPU": 1.0}]}
+    assert c.deployment_config["ray_actor_options"] == {"num_cpus": 0}
+    assert c.deployment_config["graceful_shutdown_timeout_s"] == 7
+    assert c.runtime_env == {"env_vars": {"VLLM_USE_AOT_COMPILE": "0"}}
+    assert c.server_cls is FactoryLLMServer
+    assert c.log_engine_metrics is False
+
+
+def test_gpu_replica_compiles_and_sizes_by_memory_share():
+    c = llm_config_for(ModelConfig(source="org/model", gpu_memory_utilization=0.8), HF, gpu=True, drain_timeout_s=30)
+    assert c.engine_kwargs["enforce_eager"] is False
+    assert c.engine_kwargs["gpu_memory_utilization"] == 0.8
+    assert "kv_cache_memory_bytes" not in c.engine_kwargs
+    assert c.placement_group_config is None
+    assert c.runtime_env is None
+
+
+def test_explicit_settings_win_over_the_device_defaults():
+    m = ModelConfig(
+        source="/m/tiny", enforce_eager=False, dtype="float32", engine_kwargs={"enable_prefix_caching": True}
+    )
+    c = llm_config_for(m, LOCAL, gpu=False, drain_timeout_s=30)
+    assert c.engine_kwargs["enforce_eager"] is False
+    assert c.engine_kwargs["dtype"] == "float32"
+    assert c.engine_kwargs["enable_prefix_caching"] is True
+
+
+def test_local_models_skip_ray_llms_download_task_and_hub_ids_keep_it():
+    local = llm_config_for(ModelConfig(source="/m/tiny"), LOCAL, gpu=False, drain_timeout_s=30)
+    hub = llm_config_for(ModelConfig(source="org/model"), HF, gpu=False, drain_timeout_s=30)
+    assert local.callback_config.callback_class is LocalModelCallback
+    assert hub.callback_config.callback_class is not LocalModelCallback
+
+
+def test_device_choice():
+    assert on_gpu(ModelConfig(device="auto"), gpu_available=True)
+    assert not on_gpu(ModelConfig(device="auto"), gpu_available=False)
+    assert not on_gpu(ModelConfig(device="cpu"), gpu_available=True)
+    assert on_gpu(ModelConfig(device="cuda"), gpu_available=False)
