@@ -141,8 +141,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="overhead-"))
     env = {**os.environ, "VLLM_USE_AOT_COMPILE": "0"}
 
-    stock_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolved.path_or_id,
-                 "--served-model-name", model.served_name, "--port", str(args.port), "--disable-uvicorn-access-log"]
+    stock_cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        resolved.path_or_id,
+        "--served-model-name",
+        model.served_name,
+        "--port",
+        str(args.port),
+        "--disable-uvicorn-access-log",
+    ]
     for k, v in engine.items():
         stock_cmd += [f"--{k.replace('_', '-')}", str(v)]
     rows = _run("stock", stock_cmd, env, base, "/health", args, model.served_name, work / "stock.log")
