@@ -40,9 +40,6 @@ class StateHub:
     def report(self, replica_id: str, model: str, families: list[Metric]) -> None:
         self._reports[replica_id] = ReplicaReport(replica_id, model, families, time.monotonic())
 
-    def leave(self, replica_id: str) -> None:
-        self._reports.pop(replica_id, None)
-
     def _live(self) -> list[ReplicaReport]:
         now = time.monotonic()
         return [r for r in self._reports.values() if now - r.reported_at_s < STALE_AFTER_S]

@@ -238,13 +238,17 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def _names_local_path(s: str) -> bool:
+    """Path-like, or an existing relative directory (which wins over the `org/name` reading,
+    as it does in vLLM itself)."""
+    return bool(s) and (s.startswith(("/", "./", "../", "~")) or s in (".", "..") or Path(s).expanduser().exists())
+
+
 def default_served_name(source: str) -> str:
     """The id clients use when the config names none: the embedded name, a directory's own
     name, or the Hugging Face id as written. Needs no download, so config validation can use it."""
     s = source.strip()
-    if s in EMBEDDED:
-        return s
-    if s.startswith(("/", "./", "../", "~")) or s in (".", "..") or Path(s).expanduser().exists():
+    if s not in EMBEDDED and _names_local_path(s):
         return Path(s).expanduser().resolve().name
     return s
 
@@ -263,8 +267,7 @@ def resolve(source: str, home: Path | None = None, *, pull_missing: bool = True)
             pull(s, home)
         return ResolvedModel(source, str(model_dir(s, home)), "embedded", s)
     path = Path(s).expanduser()
-    # An existing relative dir wins over the `org/name` reading, as it does in vLLM itself.
-    if s and (s.startswith(("/", "./", "../", "~")) or s in (".", "..") or path.exists()):
+    if _names_local_path(s):
         if not path.exists():
             raise ModelSourceError(f"model directory {s!r} does not exist")
         if not path.is_dir():
