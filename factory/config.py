@@ -71,7 +71,7 @@ class ModelConfig(_Strict):
     )
     replicas: int = Field(1, ge=1, description="vLLM replicas of this model (one per GPU or GPU group).")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where replicas run; auto = cuda when an NVIDIA GPU is visible, else cpu."
+        "auto", description="Where replicas run; auto = cuda when the Ray cluster has GPUs, else cpu."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weight and KV-cache dtype; auto = the checkpoint's (bf16 for the embedded model)."

@@ -33,20 +33,6 @@ APP_NAME = "factory"
 READY_POLL_S = 1.0
 
 
-def detect_gpu() -> bool:
-    """True when NVML sees at least one NVIDIA GPU on this node."""
-    try:
-        import pynvml  # from nvidia-ml-py
-
-        pynvml.nvmlInit()
-        try:
-            return pynvml.nvmlDeviceGetCount() > 0
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return False
-
-
 def resolve_models(cfg: FactoryConfig) -> dict[str, ResolvedModel]:
     """Resolve every model source before Ray starts (pulls embedded models on first use)."""
     return {m.served_name: resolve(m.source) for m in cfg.models}
@@ -113,12 +99,7 @@ def serve_forever(cfg: FactoryConfig) -> int:
     except (ModelPullError, ModelSourceError) as err:
         log.error("%s", err)
         return 2
-    gpu_available = detect_gpu()
-    log.info(
-        "models: %s; NVIDIA GPU %s",
-        {k: v.path_or_id for k, v in resolved.items()},
-        "found" if gpu_available else "not found",
-    )
+    log.info("models: %s", {k: v.path_or_id for k, v in resolved.items()})
 
     joined = cfg.ray.address is not None
     if joined:
@@ -131,6 +112,10 @@ def serve_forever(cfg: FactoryConfig) -> int:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, namespace="factory")
     stop.install()  # ray.init installs handlers of its own; ours must win so we can drain.
+    # Replicas go wherever Ray places them, so ask the cluster, not this node: a CPU-only head
+    # in front of GPU workers must still configure GPU replicas.
+    gpu_available = ray.cluster_resources().get("GPU", 0) > 0
+    log.info("Ray cluster: %s", "GPUs found" if gpu_available else "no GPU, replicas run on CPU")
     outcome = 1
     try:
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
