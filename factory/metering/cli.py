@@ -1,0 +1,258 @@
+"""`factory tenants | keys | packages | usage`: the operator's hands on the ledger.
+
+Every handler returns an exit code: 0 done, 2 the user asked for something the ledger refuses
+(the message says what), 1 the ledger file itself could not be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import json
+import sqlite3
+import sys
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+
+from factory.metering import keys
+from factory.metering.ledger import PRIORITY_CLASSES, Ledger, LedgerError, UsageRecord, default_ledger_path
+
+
+class UsageError(Exception):
+    """An argument that does not parse; reported like a LedgerError."""
+
+
+def _command(func):
+    """Open the ledger, run `func(ledger, args)`, and turn refusals into a message and exit 2."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        path = args.ledger or default_ledger_path()
+        try:
+            ledger = Ledger(path)
+        except (OSError, sqlite3.Error, LedgerError) as err:
+            print(f"factory: cannot open ledger {path}: {err}", file=sys.stderr)
+            return 1
+        try:
+            return func(ledger, args) or 0
+        except (LedgerError, UsageError) as err:
+            print(f"factory: {err}", file=sys.stderr)
+            return 2
+        finally:
+            ledger.close()
+
+    return run
+
+
+# -- tenants ------------------------------------------------------------------------------
+
+
+@_command
+def _tenants_create(ledger: Ledger, args: argparse.Namespace) -> None:
+    tenant = ledger.create_tenant(args.name, args.priority)
+    print(f"tenant {tenant.name} (priority {tenant.priority})")
+
+
+@_command
+def _tenants_list(ledger: Ledger, _: argparse.Namespace) -> None:
+    rows = [(t.name, t.priority, _iso(t.created_at)) for t in ledger.list_tenants()]
+    _print_table(("tenant", "priority", "created_at"), rows)
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+@_command
+def _keys_create(ledger: Ledger, args: argparse.Namespace) -> None:
+    info, token = ledger.create_key(args.tenant, admin=args.admin, label=args.label)
+    print(f"admin key {info.key_id}" if info.admin else f"key {info.key_id} for tenant {info.tenant}")
+    print("note: the token below is shown only this once; the ledger keeps just its hash", file=sys.stderr)
+    print(token)  # alone on the last line, so `| tail -1` captures it
+
+
+@_command
+def _keys_revoke(ledger: Ledger, args: argparse.Namespace) -> None:
+    key_id = args.key
+    if key_id.startswith(keys.PREFIX):
+        parsed = keys.parse_token(key_id)
+        if parsed is None:
+            raise UsageError("that is not a well-formed factory token (tf-<key id>-<secret>)")
+        key_id = parsed[0]
+    elif not keys.is_key_id(key_id):
+        raise UsageError(f"{key_id!r} is not a key id (12 hex digits) or a token")
+    if not ledger.revoke_key(key_id):
+        raise UsageError(f"no active key {key_id} (unknown or already revoked)")
+    print(f"revoked key {key_id}")
+
+
+@_command
+def _keys_list(ledger: Ledger, args: argparse.Namespace) -> None:
+    rows = [
+        (k.key_id, "(admin)" if k.admin else k.tenant, k.label, _iso(k.created_at), _iso(k.revoked_at) or "active")
+        for k in ledger.list_keys(args.tenant)
+    ]
+    _print_table(("key_id", "tenant", "label", "created_at", "revoked_at"), rows)
+
+
+# -- packages -----------------------------------------------------------------------------
+
+
+@_command
+def _packages_grant(ledger: Ledger, args: argparse.Namespace) -> None:
+    tokens = _parse_int(args.tokens, "--tokens")
+    expires_at = None if args.expires is None else _parse_time(args.expires, "--expires", end_of_day=True)
+    price = None if args.price is None else _parse_money(args.price, "--price")
+    p = ledger.grant_package(args.tenant, tokens, expires_at=expires_at, price=price, currency=args.currency)
+    paid = "" if p.price is None else f", paid {p.price:f} {p.currency}"
+    print(f"package {p.id}: {p.tokens_total} tokens for {p.tenant}, expires {_iso(p.expires_at) or 'never'}{paid}")
+
+
+@_command
+def _packages_list(ledger: Ledger, args: argparse.Namespace) -> None:
+    rows = [
+        (p.id, p.tokens_total, p.tokens_used, p.tokens_reserved, p.tokens_available, _iso(p.expires_at) or "never",
+         "" if p.price is None else f"{p.price:f} {p.currency}")
+        for p in ledger.list_packages(args.tenant)
+    ]  # fmt: skip
+    _print_table(("id", "total", "used", "reserved", "available", "expires_at", "price"), rows)
+
+
+# -- usage --------------------------------------------------------------------------------
+
+_TABLE_FIELDS = ("finished_at", "request_id", "tenant", "model", "prompt_tokens", "completion_tokens",
+                 "overage_tokens", "energy_j", "cost", "currency", "status")  # fmt: skip
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
+
+
+@_command
+def _usage(ledger: Ledger, args: argparse.Namespace) -> None:
+    since = None if args.since is None else _parse_time(args.since, "--since")
+    if args.summary:
+        rows = ledger.usage_summary(args.tenant, since)
+        fields = ("tenant", "requests", "prompt_tokens", "completion_tokens", "energy_j", "cost", "currency")
+    else:
+        rows = [dataclasses.asdict(r) for r in ledger.usage(args.tenant, since)]
+        fields = _TABLE_FIELDS if args.format == "table" else _RECORD_FIELDS
+    if args.format == "json":
+        print(json.dumps([{f: _plain(r[f]) for f in fields} for r in rows], indent=2))
+    elif args.format == "csv":
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(fields)
+        out.writerows([_plain(r[f]) for f in fields] for r in rows)
+    else:
+        _print_table(fields, [[_cell(r[f]) for f in fields] for r in rows])
+
+
+# -- parsing and printing -----------------------------------------------------------------
+
+
+def _parse_int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a whole number, got {text!r}") from None
+
+
+def _parse_money(text: str, what: str) -> Decimal:
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise UsageError(f"{what} must be an amount such as 99.50, got {text!r}") from None
+    if not amount.is_finite():
+        raise UsageError(f"{what} must be a finite amount, got {text!r}")
+    return amount
+
+
+def _parse_time(text: str, what: str, *, end_of_day: bool = False) -> datetime:
+    """YYYY-MM-DD (midnight UTC starting that day, or ending it if `end_of_day`: an expiry date
+    means the package is good through that day) or an ISO datetime (UTC unless it says)."""
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text) + timedelta(days=1 if end_of_day else 0)
+            return datetime.combine(day, time(), timezone.utc)
+        when = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)  # 3.10: no Z
+    except ValueError:
+        raise UsageError(f"{what} must be a date (YYYY-MM-DD) or ISO datetime, got {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _iso(when: datetime | None) -> str:
+    return "" if when is None else when.isoformat(timespec="seconds")
+
+
+def _plain(value):
+    """JSON/CSV-safe: Decimal as its exact fixed-point string (never 1E-12), datetimes as ISO text."""
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _cell(value) -> str:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, datetime):
+        return _iso(value)
+    return "" if value is None else str(value)
+
+
+def _print_table(headers, rows) -> None:
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    for row in [list(headers), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- argparse -----------------------------------------------------------------------------
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `tenants`, `keys`, `packages` and `usage` on the `factory` command."""
+
+    def leaf(group, name: str, func, about: str) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=about)
+        p.add_argument("--ledger", default=None, help="default: $FACTORY_LEDGER, else $FACTORY_HOME/ledger.db")
+        p.set_defaults(func=func)
+        return p
+
+    tenants = sub.add_parser("tenants", help="who may use the factory").add_subparsers(
+        dest="tenants_command", required=True
+    )
+    p = leaf(tenants, "create", _tenants_create, "add a tenant")
+    p.add_argument("name", help="1-64 characters from A-Z a-z 0-9 . _ -")
+    p.add_argument("--priority", default="standard", choices=PRIORITY_CLASSES, help="scheduling class")
+    leaf(tenants, "list", _tenants_list, "all tenants")
+
+    keys_ = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    p = leaf(keys_, "create", _keys_create, "issue a key; its token is printed once, on the last line")
+    owner = p.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--tenant", help="the tenant the key bills to")
+    owner.add_argument("--admin", action="store_true", help="an admin key (belongs to no tenant)")
+    p.add_argument("--label", default="", help="a note to tell keys apart")
+    p = leaf(keys_, "revoke", _keys_revoke, "revoke a key")
+    p.add_argument("key", help="key id (12 hex digits) or the whole token")
+    p = leaf(keys_, "list", _keys_list, "keys (never their secrets)")
+    p.add_argument("--tenant", default=None, help="only this tenant's keys")
+
+    packages = sub.add_parser("packages", help="prepaid token packages").add_subparsers(
+        dest="packages_command", required=True
+    )
+    p = leaf(packages, "grant", _packages_grant, "give a tenant prepaid tokens")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--tokens", required=True, help="how many tokens")
+    p.add_argument("--expires", default=None, help="YYYY-MM-DD (good through that day, UTC) or ISO datetime")
+    p.add_argument("--price", default=None, help="what the tenant paid, e.g. 99.50")
+    p.add_argument("--currency", default="CNY", help="ISO 4217 code (default CNY)")
+    p = leaf(packages, "list", _packages_list, "a tenant's packages and what is left of them")
+    p.add_argument("--tenant", required=True)
+
+    p = leaf(sub, "usage", _usage, "usage records, newest first, or per-tenant totals")
+    p.add_argument("--tenant", default=None, help="only this tenant")
+    p.add_argument("--since", default=None, help="YYYY-MM-DD or ISO datetime (UTC unless it says)")
+    p.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    p.add_argument("--summary", action="store_true", help="per-tenant totals instead of records")

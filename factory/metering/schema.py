@@ -1,0 +1,264 @@
+"""The ledger's tables, the records read back from them, and what a valid value is.
+
+Storage conventions, chosen so a PostgreSQL backend can reuse the SQL unchanged:
+- times are UTC ISO-8601 text with fixed microsecond precision, so text order is time order
+  and `<` / `>=` compare them correctly in SQL;
+- money is TEXT holding a Decimal's exact string (a REAL column would round it);
+- energy is REAL joules (a measurement, not money).
+The DDL below is the only SQLite dialect in it: `INTEGER PRIMARY KEY` would be
+`GENERATED ALWAYS AS IDENTITY` on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from datetime import datetime, timezone
+from decimal import Decimal
+
+SCHEMA_VERSION = 1
+PRIORITY_CLASSES = ("high", "standard", "low")  # highest first
+STATUSES = ("completed", "aborted", "failed")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+DDL = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS tenants (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        priority TEXT NOT NULL CHECK (priority IN ('high', 'standard', 'low')),
+        created_at TEXT NOT NULL)""",
+    # Admin keys belong to no tenant; every other key belongs to exactly one.
+    """CREATE TABLE IF NOT EXISTS api_keys (
+        key_id TEXT PRIMARY KEY,
+        tenant_id INTEGER REFERENCES tenants (id),
+        admin INTEGER NOT NULL CHECK (admin IN (0, 1)),
+        label TEXT NOT NULL,
+        salt_hex TEXT NOT NULL,
+        hash_hex TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT,
+        CHECK ((admin = 1 AND tenant_id IS NULL) OR (admin = 0 AND tenant_id IS NOT NULL)))""",
+    # The CHECK is the no-overspend invariant; the code keeps it, the database refuses to break it.
+    """CREATE TABLE IF NOT EXISTS packages (
+        id INTEGER PRIMARY KEY,
+        tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+        tokens_total INTEGER NOT NULL CHECK (tokens_total > 0),
+        tokens_used INTEGER NOT NULL CHECK (tokens_used >= 0),
+        tokens_reserved INTEGER NOT NULL CHECK (tokens_reserved >= 0),
+        price TEXT,
+        currency TEXT NOT NULL,
+        expires_at TEXT,
+        created_at TEXT NOT NULL,
+        CHECK (tokens_used + tokens_reserved <= tokens_total))""",
+    """CREATE TABLE IF NOT EXISTS reservations (
+        request_id TEXT PRIMARY KEY,
+        tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+        tokens INTEGER NOT NULL CHECK (tokens >= 0),
+        expires_at TEXT NOT NULL,
+        created_at TEXT NOT NULL)""",
+    # One row per package a reservation took from; seq keeps the order they were taken in.
+    """CREATE TABLE IF NOT EXISTS reservation_parts (
+        request_id TEXT NOT NULL REFERENCES reservations (request_id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        package_id INTEGER NOT NULL REFERENCES packages (id),
+        tokens INTEGER NOT NULL CHECK (tokens > 0),
+        PRIMARY KEY (request_id, seq))""",
+    """CREATE TABLE IF NOT EXISTS usage (
+        request_id TEXT PRIMARY KEY,
+        tenant_id INTEGER NOT NULL REFERENCES tenants (id),
+        model TEXT NOT NULL,
+        replica TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL CHECK (prompt_tokens >= 0),
+        completion_tokens INTEGER NOT NULL CHECK (completion_tokens >= 0),
+        overage_tokens INTEGER NOT NULL CHECK (overage_tokens >= 0),
+        energy_j REAL NOT NULL,
+        energy_source TEXT NOT NULL,
+        cost TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('completed', 'aborted', 'failed')),
+        started_at TEXT,
+        finished_at TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS packages_by_tenant ON packages (tenant_id)",
+    "CREATE INDEX IF NOT EXISTS reservations_by_expiry ON reservations (expires_at)",
+    "CREATE INDEX IF NOT EXISTS usage_by_tenant_time ON usage (tenant_id, finished_at)",
+    "CREATE INDEX IF NOT EXISTS usage_by_time ON usage (finished_at)",
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tenant:
+    id: int
+    name: str
+    priority: str  # one of PRIORITY_CLASSES
+    created_at: datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: str
+    tenant: str | None  # None for admin keys
+    admin: bool
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Package:
+    id: int
+    tenant: str
+    tokens_total: int
+    tokens_used: int
+    tokens_reserved: int
+    price: Decimal | None  # what the tenant paid, in `currency`; None if not recorded
+    currency: str
+    expires_at: datetime | None  # None: never expires
+    created_at: datetime
+
+    @property
+    def tokens_available(self) -> int:
+        return self.tokens_total - self.tokens_used - self.tokens_reserved
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reservation:
+    request_id: str
+    tenant: str
+    tokens: int
+    expires_at: datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UsageRecord:
+    request_id: str
+    tenant: str
+    model: str
+    replica: str
+    prompt_tokens: int
+    completion_tokens: int
+    overage_tokens: int  # consumed beyond every package the tenant had
+    energy_j: float
+    energy_source: str
+    cost: Decimal
+    currency: str
+    status: str  # completed | aborted | failed
+    started_at: datetime | None
+    finished_at: datetime
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def to_text(when: datetime) -> str:
+    """UTC, fixed width: isoformat() drops the fraction when it is zero, which breaks text order."""
+    if when.tzinfo is None:
+        raise ValueError(f"naive datetime {when.isoformat()} (ledger times must be timezone-aware)")
+    return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def from_text(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+TENANT_SQL = "SELECT id, name, priority, created_at FROM tenants"
+KEY_SQL = (
+    "SELECT k.key_id, t.name, k.admin, k.label, k.created_at, k.revoked_at, k.salt_hex, k.hash_hex"
+    " FROM api_keys k LEFT JOIN tenants t ON t.id = k.tenant_id"
+)
+PACKAGE_SQL = (
+    "SELECT p.id, t.name, p.tokens_total, p.tokens_used, p.tokens_reserved, p.price, p.currency,"
+    " p.expires_at, p.created_at FROM packages p JOIN tenants t ON t.id = p.tenant_id"
+)
+USAGE_SQL = (
+    "SELECT u.request_id, t.name, u.model, u.replica, u.prompt_tokens, u.completion_tokens, u.overage_tokens,"
+    " u.energy_j, u.energy_source, u.cost, u.currency, u.status, u.started_at, u.finished_at"
+    " FROM usage u JOIN tenants t ON t.id = u.tenant_id"
+)
+# Soonest expiry first, never-expiring last, then oldest grant: spend what would be lost first.
+SPEND_ORDER = "ORDER BY CASE WHEN p.expires_at IS NULL THEN 1 ELSE 0 END, p.expires_at, p.id"
+
+
+def tenant_from(row) -> Tenant:
+    return Tenant(row[0], row[1], row[2], from_text(row[3]))
+
+
+def key_from(row) -> KeyInfo:
+    return KeyInfo(row[0], row[1], bool(row[2]), row[3], from_text(row[4]), from_text(row[5]))
+
+
+def package_from(row) -> Package:
+    price = None if row[5] is None else Decimal(row[5])
+    return Package(row[0], row[1], row[2], row[3], row[4], price, row[6], from_text(row[7]), from_text(row[8]))
+
+
+def usage_from(row) -> UsageRecord:
+    return UsageRecord(
+        *row[:7], float(row[7]), row[8], Decimal(row[9]), row[10], row[11], from_text(row[12]), from_text(row[13])
+    )
+
+
+class LedgerError(Exception):
+    """A request the ledger refuses; the message is fit to show the user."""
+
+
+class UnknownTenant(LedgerError):
+    def __init__(self, name: str):
+        super().__init__(f"unknown tenant {name!r}")
+        self.name = name
+
+
+class QuotaExceeded(LedgerError):
+    def __init__(self, *, available: int, requested: int = 0, tenant: str = ""):
+        super().__init__(f"tenant {tenant!r} asked for {requested} tokens but has {available} available")
+        self.available, self.requested, self.tenant = available, requested, tenant
+
+
+def when_text(when: datetime | None) -> str | None:
+    """`to_text` for arguments: None passes through, bad values become LedgerError."""
+    if when is None:
+        return None
+    if not isinstance(when, datetime):
+        raise LedgerError(f"not a datetime: {when!r}")
+    try:
+        return to_text(when)
+    except ValueError as err:
+        raise LedgerError(str(err)) from None
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise LedgerError(f"bad tenant name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -")
+
+
+def check_priority(priority: str) -> None:
+    if priority not in PRIORITY_CLASSES:
+        raise LedgerError(f"priority must be one of {', '.join(PRIORITY_CLASSES)}, got {priority!r}")
+
+
+def check_count(value: int, what: str, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise LedgerError(f"{what} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_real(value: float, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise LedgerError(f"{what} must be a finite number >= 0, got {value!r}")
+
+
+def check_currency(currency: str) -> None:
+    if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
+        raise LedgerError(f"currency must be a 3-letter ISO 4217 code such as CNY, got {currency!r}")
+
+
+def money_text(amount: Decimal, what: str) -> str:
+    # Floats are refused, not converted: 0.1 as a float is already not 0.1.
+    if isinstance(amount, bool) or not isinstance(amount, (Decimal, int)):
+        raise LedgerError(f"{what} must be a Decimal, got {type(amount).__name__} {amount!r}")
+    amount = Decimal(amount)
+    if not amount.is_finite() or amount < 0:
+        raise LedgerError(f"{what} must be a finite amount >= 0, got {amount}")
+    return format(amount, "f")  # fixed point, so the column reads plainly in any SQL tool

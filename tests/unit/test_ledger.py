@@ -1,0 +1,388 @@
+"""The ledger on real SQLite files: keys are stored only as hashes, reservations never overspend
+a package (even with many processes racing), settlement charges exactly what was used."""
+
+from __future__ import annotations
+
+import random
+import re
+import sqlite3
+import threading
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from factory.metering.ledger import (
+    PRIORITY_CLASSES,
+    Ledger,
+    LedgerError,
+    QuotaExceeded,
+    UnknownTenant,
+    default_ledger_path,
+)
+
+# A year ahead, so packages expiring around it can still be granted whenever the tests run.
+T0 = (datetime.now(timezone.utc) + timedelta(days=365)).replace(microsecond=0)
+
+
+@pytest.fixture()
+def path(tmp_path):
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture()
+def ledger(path):
+    led = Ledger(path)
+    yield led
+    led.close()
+
+
+def settle(ledger: Ledger, request_id: str, tenant: str, prompt: int, completion: int, **overrides):
+    fields = dict(tenant=tenant, prompt_tokens=prompt, completion_tokens=completion, energy_j=1.25,
+                  energy_source="nvml", cost=Decimal("0.01"), currency="CNY", model="tiny")  # fmt: skip
+    return ledger.settle(request_id, **(fields | overrides))
+
+
+def packages(ledger: Ledger, tenant: str) -> dict[int, tuple[int, int]]:
+    """package id -> (used, reserved)"""
+    return {p.id: (p.tokens_used, p.tokens_reserved) for p in ledger.list_packages(tenant)}
+
+
+# -- storage ------------------------------------------------------------------------------
+
+
+def test_new_ledger_is_wal_with_schema_version_and_default_path_follows_env(path, ledger, monkeypatch, tmp_path):
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    raw.close()
+    Ledger(path).close()  # reopening an existing ledger neither fails nor adds a version row
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
+
+    monkeypatch.delenv("FACTORY_LEDGER", raising=False)
+    monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
+    assert default_ledger_path() == tmp_path / "home" / "ledger.db"
+    monkeypatch.setenv("FACTORY_LEDGER", str(tmp_path / "elsewhere.db"))
+    assert default_ledger_path() == tmp_path / "elsewhere.db"
+
+
+def test_database_itself_refuses_an_overspend(path, ledger):
+    ledger.create_tenant("a")
+    package = ledger.grant_package("a", 10)
+    raw = sqlite3.connect(path)
+    with pytest.raises(sqlite3.IntegrityError):
+        raw.execute("UPDATE packages SET tokens_used = 8, tokens_reserved = 3 WHERE id = ?", (package.id,))
+    raw.close()
+
+
+# -- tenants ------------------------------------------------------------------------------
+
+
+def test_tenants_create_get_ensure_list_and_priority(ledger):
+    assert PRIORITY_CLASSES == ("high", "standard", "low")
+    a = ledger.create_tenant("acme.prod-1", "high")
+    assert (a.name, a.priority, a.created_at.tzinfo) == ("acme.prod-1", "high", timezone.utc)
+    assert ledger.get_tenant("acme.prod-1") == a
+    assert ledger.get_tenant("nobody") is None
+    with pytest.raises(LedgerError, match="already exists"):
+        ledger.create_tenant("acme.prod-1")
+    for bad in ("", "a b", "x" * 65, "é", "a/b"):
+        with pytest.raises(LedgerError, match="bad tenant name"):
+            ledger.create_tenant(bad)
+    with pytest.raises(LedgerError, match="priority"):
+        ledger.create_tenant("b", "urgent")
+    anon = ledger.ensure_tenant("anonymous")
+    assert ledger.ensure_tenant("anonymous") == anon
+    assert ledger.set_priority("anonymous", "low").priority == "low"
+    with pytest.raises(UnknownTenant):
+        ledger.set_priority("nobody", "low")
+    assert [t.name for t in ledger.list_tenants()] == ["acme.prod-1", "anonymous"]
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def test_key_lifecycle_stores_only_a_hash(path, ledger):
+    ledger.create_tenant("acme")
+    info, token = ledger.create_key("acme", label="ci")
+    match = re.fullmatch(r"tf-([0-9a-f]{12})-([A-Za-z0-9_-]{43})", token)
+    assert match and match[1] == info.key_id
+    secret = match[2]
+    assert (info.tenant, info.admin, info.label, info.revoked_at) == ("acme", False, "ci", None)
+
+    # The WAL may hold the newest pages, so read every file SQLite keeps for this ledger.
+    stored = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+    assert info.key_id.encode() in stored  # the scan sees the key's row...
+    assert secret.encode() not in stored  # ...but never its secret
+    assert token.encode() not in stored
+
+    assert ledger.verify_key(token) == info
+    wrong = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    assert ledger.verify_key(wrong) is None
+    unknown = f"tf-{'1' if info.key_id[0] == '0' else '0'}{info.key_id[1:]}-{secret}"
+    assert ledger.verify_key(unknown) is None
+    for malformed in ("", "Bearer " + token, token[3:], token + " ", "tf-XYZ-" + secret, "tf--" + secret, None):
+        assert ledger.verify_key(malformed) is None
+
+    assert ledger.revoke_key(info.key_id) is True
+    assert ledger.verify_key(token) is None
+    assert ledger.revoke_key(info.key_id) is False
+    assert ledger.revoke_key("0123456789ab") is False
+    [listed] = ledger.list_keys("acme")
+    assert listed.revoked_at is not None
+
+
+def test_admin_and_tenant_keys_are_kept_apart(ledger):
+    ledger.create_tenant("a")
+    ledger.create_tenant("b")
+    admin, admin_token = ledger.create_key(None, admin=True)
+    key_a, token_a = ledger.create_key("a")
+    ledger.create_key("b")
+    assert (admin.tenant, admin.admin) == (None, True)
+    assert ledger.verify_key(admin_token).admin is True
+    assert ledger.verify_key(token_a).tenant == "a"
+    with pytest.raises(LedgerError):
+        ledger.create_key("a", admin=True)
+    with pytest.raises(LedgerError):
+        ledger.create_key(None)
+    with pytest.raises(UnknownTenant):
+        ledger.create_key("nobody")
+    assert [k.key_id for k in ledger.list_keys("a")] == [key_a.key_id]
+    assert len(ledger.list_keys()) == 3
+
+
+# -- reservations -------------------------------------------------------------------------
+
+
+def test_racing_processes_never_overspend_a_package(path, ledger):
+    """200 Ledger instances (one connection each, as separate processes would have) reserve 10
+    tokens each against 500: exactly 50 win; settling them charges exactly what they used."""
+    ledger.create_tenant("acme")
+    package = ledger.grant_package("acme", 500)
+    n = 200
+    won, lost, failures, charged = [], [], [], []
+    mid_race = {}
+    start = threading.Barrier(n, timeout=30)
+    reserved_all = threading.Barrier(n, timeout=30, action=lambda: mid_race.update(packages(ledger, "acme")))
+
+    def worker(i: int) -> None:
+        led = None
+        try:
+            led = Ledger(path)
+            start.wait()
+            try:
+                led.reserve(f"r{i}", "acme", 10, ttl_s=60)
+                won.append(i)
+            except QuotaExceeded as err:
+                lost.append(err.available)
+            reserved_all.wait()
+            if i in won:
+                actual = random.Random(i).randint(0, 10)
+                prompt = random.Random(-i).randint(0, actual)
+                settle(led, f"r{i}", "acme", prompt, actual - prompt)
+                charged.append(actual)
+        except Exception as err:
+            failures.append(err)
+            start.abort()  # let the other threads fail fast instead of waiting out the barrier
+            reserved_all.abort()
+        finally:
+            if led is not None:
+                led.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [f for f in failures if not isinstance(f, threading.BrokenBarrierError)] == []
+    assert (len(won), len(lost)) == (50, 150)
+    assert set(lost) == {0}
+    assert mid_race == {package.id: (0, 500)}
+    assert packages(ledger, "acme") == {package.id: (sum(charged), 0)}
+    assert ledger.balance("acme")["available"] == 500 - sum(charged) >= 0
+    assert len(ledger.usage("acme")) == 50
+
+
+def test_one_ledger_shared_by_threads_is_safe(ledger):
+    ledger.create_tenant("acme")
+    ledger.grant_package("acme", 100)
+    results = []
+
+    def worker(i: int) -> None:
+        try:
+            ledger.reserve(f"r{i}", "acme", 3, ttl_s=60)
+            results.append(True)
+        except QuotaExceeded:
+            results.append(False)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 33
+    assert ledger.balance("acme") == {"total": 100, "used": 0, "reserved": 99, "available": 1}
+
+
+def test_reservation_spans_packages_soonest_expiry_first(ledger):
+    ledger.create_tenant("acme")
+    later = ledger.grant_package("acme", 100, expires_at=T0 + timedelta(days=2))
+    never = ledger.grant_package("acme", 100)
+    sooner = ledger.grant_package("acme", 100, expires_at=T0 + timedelta(days=1))
+    assert [p.id for p in ledger.list_packages("acme")] == [sooner.id, later.id, never.id]
+
+    ledger.reserve("r1", "acme", 150, ttl_s=60, now=T0)
+    assert packages(ledger, "acme") == {sooner.id: (0, 100), later.id: (0, 50), never.id: (0, 0)}
+    settle(ledger, "r1", "acme", 20, 100, finished_at=T0)  # 120 of 150: charged in the order taken
+    assert packages(ledger, "acme") == {sooner.id: (100, 0), later.id: (20, 0), never.id: (0, 0)}
+
+    ledger.reserve("r2", "acme", 130, ttl_s=60, now=T0)  # the rest of `later`, then the never-expiring one
+    assert packages(ledger, "acme") == {sooner.id: (100, 0), later.id: (20, 80), never.id: (0, 50)}
+    with pytest.raises(QuotaExceeded) as exc:
+        ledger.reserve("r3", "acme", 51, ttl_s=60, now=T0)
+    assert (exc.value.available, exc.value.requested) == (50, 51)
+
+
+def test_expired_packages_cannot_be_spent(ledger):
+    ledger.create_tenant("acme")
+    ledger.grant_package("acme", 100, expires_at=T0)
+    ledger.grant_package("acme", 50)
+    after = T0 + timedelta(seconds=1)
+    assert ledger.balance("acme", now=T0 - timedelta(seconds=1))["available"] == 150
+    assert ledger.balance("acme", now=after) == {"total": 50, "used": 0, "reserved": 0, "available": 50}
+    with pytest.raises(QuotaExceeded) as exc:
+        ledger.reserve("r1", "acme", 60, ttl_s=60, now=after)
+    assert exc.value.available == 50
+    with pytest.raises(LedgerError, match="already past"):
+        ledger.grant_package("acme", 10, expires_at=datetime.now(timezone.utc) - timedelta(seconds=1))
+
+
+def test_release_and_release_expired_hand_tokens_back(ledger):
+    ledger.create_tenant("acme")
+    package = ledger.grant_package("acme", 100)
+    ledger.reserve("short", "acme", 10, ttl_s=10, now=T0)
+    ledger.reserve("long", "acme", 20, ttl_s=1000, now=T0)
+    ledger.reserve("gone", "acme", 30, ttl_s=1000, now=T0)
+    assert ledger.release("gone") is True
+    assert ledger.release("gone") is False
+    assert ledger.release_expired(now=T0 + timedelta(seconds=9)) == 0
+    assert ledger.release_expired(now=T0 + timedelta(seconds=60)) == 1
+    assert packages(ledger, "acme") == {package.id: (0, 20)}
+    assert ledger.release("short") is False
+    assert ledger.release("long") is True
+    assert packages(ledger, "acme") == {package.id: (0, 0)}
+
+
+def test_request_id_is_reserved_at_most_once(ledger):
+    ledger.create_tenant("acme")
+    ledger.grant_package("acme", 100)
+    ledger.reserve("r1", "acme", 10, ttl_s=60)
+    with pytest.raises(LedgerError, match="already"):
+        ledger.reserve("r1", "acme", 10, ttl_s=60)
+    settle(ledger, "r1", "acme", 1, 1)
+    with pytest.raises(LedgerError, match="already"):
+        ledger.reserve("r1", "acme", 10, ttl_s=60)
+    with pytest.raises(UnknownTenant):
+        ledger.reserve("r2", "nobody", 1, ttl_s=60)
+    for bad in (dict(tokens=-1, ttl_s=60), dict(tokens=1, ttl_s=0), dict(tokens=1.5, ttl_s=60)):
+        with pytest.raises(LedgerError):
+            ledger.reserve("r3", "acme", **bad)
+
+
+# -- settlement ---------------------------------------------------------------------------
+
+
+def test_settle_is_idempotent(ledger):
+    ledger.create_tenant("acme")
+    package = ledger.grant_package("acme", 100)
+    ledger.reserve("r1", "acme", 50, ttl_s=60)
+    first = settle(ledger, "r1", "acme", 10, 20)
+    again = settle(ledger, "r1", "acme", 40, 40, cost=Decimal("9"))
+    assert again == first
+    assert packages(ledger, "acme") == {package.id: (30, 0)}
+
+
+def test_settle_beyond_the_reservation_charges_other_packages_then_records_overage(ledger):
+    ledger.create_tenant("acme")
+    first = ledger.grant_package("acme", 100, expires_at=T0)
+    second = ledger.grant_package("acme", 30)
+    ledger.reserve("r1", "acme", 50, ttl_s=60, now=T0 - timedelta(hours=1))
+    record = settle(ledger, "r1", "acme", 50, 150, finished_at=T0 - timedelta(minutes=1))
+    assert record.overage_tokens == 70  # 200 used: 50 reserved + 50 left in first + 30 in second
+    assert packages(ledger, "acme") == {first.id: (100, 0), second.id: (30, 0)}
+
+    ledger.grant_package("acme", 10)  # a reservation covers the request: no overage, rest released
+    ledger.reserve("r2", "acme", 10, ttl_s=60)
+    assert settle(ledger, "r2", "acme", 2, 3).overage_tokens == 0
+    assert ledger.balance("acme")["available"] == 5
+
+
+def test_settle_without_reservation_only_records_and_creates_the_tenant(ledger):
+    record = settle(ledger, "r1", "anonymous", 3, 4, status="aborted", replica="replica-0")
+    assert (record.tenant, record.prompt_tokens, record.completion_tokens, record.overage_tokens) == (
+        "anonymous", 3, 4, 0)  # fmt: skip
+    assert (record.status, record.replica, record.energy_j, record.energy_source) == (
+        "aborted", "replica-0", 1.25, "nvml")  # fmt: skip
+    assert ledger.get_tenant("anonymous").priority == "standard"
+
+
+def test_settle_refuses_bad_fields_and_another_tenants_reservation(ledger):
+    ledger.create_tenant("a")
+    ledger.create_tenant("b")
+    ledger.grant_package("a", 100)
+    ledger.reserve("r1", "a", 10, ttl_s=60)
+    with pytest.raises(LedgerError, match="reserved for 'a'"):
+        settle(ledger, "r1", "b", 1, 1)
+    for bad in (dict(status="done"), dict(cost=0.01), dict(currency="yuan"), dict(energy_j=float("nan")),
+                dict(started_at=datetime(2031, 1, 1))):  # fmt: skip
+        with pytest.raises(LedgerError):
+            settle(ledger, "r1", "a", 1, 1, **bad)
+    assert ledger.balance("a")["reserved"] == 10  # refused settlements changed nothing
+
+
+def test_settle_many_is_one_transaction(ledger):
+    ledger.create_tenant("acme")
+    package = ledger.grant_package("acme", 100)
+    for i in range(3):
+        ledger.reserve(f"r{i}", "acme", 10, ttl_s=60)
+    batch = [
+        dict(request_id=f"r{i}", tenant="acme", prompt_tokens=2, completion_tokens=3, energy_j=0.5,
+             energy_source="nvml", cost=Decimal("0.1"), currency="CNY", model="tiny")
+        for i in range(3)
+    ]  # fmt: skip
+    with pytest.raises(LedgerError, match="status"):
+        ledger.settle_many(batch[:2] + [batch[2] | {"status": "lost"}])
+    assert ledger.usage() == []  # the good two were rolled back with the bad one
+    assert packages(ledger, "acme") == {package.id: (0, 30)}
+
+    records = ledger.settle_many(batch)
+    assert [r.request_id for r in records] == ["r0", "r1", "r2"]
+    assert packages(ledger, "acme") == {package.id: (15, 0)}
+    [total] = ledger.usage_summary("acme")
+    assert total["cost"] == Decimal("0.3")  # exact: 0.1 + 0.1 + 0.1 in floats is not 0.3
+
+
+# -- usage --------------------------------------------------------------------------------
+
+
+def test_usage_is_isolated_per_tenant_and_filtered_by_time(ledger):
+    for i, (tenant, minute) in enumerate([("a", 0), ("b", 1), ("a", 2), ("b", 3), ("a", 4)]):
+        finished_at = T0 + timedelta(minutes=minute)
+        settle(ledger, f"r{i}", tenant, 1, 2, cost=Decimal("0.000000000001"), finished_at=finished_at)
+    a_rows = ledger.usage(tenant="a")
+    assert [r.request_id for r in a_rows] == ["r4", "r2", "r0"]  # newest first
+    assert {r.tenant for r in a_rows} == {"a"}
+    assert {r.tenant for r in ledger.usage(tenant="b")} == {"b"}
+    assert [r.request_id for r in ledger.usage(since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3))] == [
+        "r2", "r1"]  # fmt: skip
+    assert [r.request_id for r in ledger.usage(limit=2)] == ["r4", "r3"]
+    assert a_rows[0].cost == Decimal("0.000000000001") and a_rows[0].finished_at == T0 + timedelta(minutes=4)
+    with pytest.raises(UnknownTenant):
+        ledger.usage(tenant="nobody")
+
+    summary = {s["tenant"]: s for s in ledger.usage_summary()}
+    assert summary["a"] == dict(tenant="a", requests=3, prompt_tokens=3, completion_tokens=6, energy_j=3.75,
+                                cost=Decimal("0.000000000003"), currency="CNY")  # fmt: skip
+    assert summary["b"]["requests"] == 2
+    assert [s["tenant"] for s in ledger.usage_summary(tenant="b")] == ["b"]
+    assert ledger.usage_summary(since=T0 + timedelta(minutes=4))[0]["requests"] == 1
