@@ -136,7 +136,7 @@ def main() -> int:
     cfg = FactoryConfig()  # the embedded default, both servers get the same engine settings
     model = cfg.models[0]
     resolved = resolve(model.source)
-    engine = llm_config_for(model, resolved, gpu=False, drain_timeout_s=0).engine_kwargs
+    engine = llm_config_for(model, resolved, gpu=False, drain_timeout_s=0, metered=False).engine_kwargs
     base = f"http://127.0.0.1:{args.port}"
     work = Path(tempfile.mkdtemp(prefix="overhead-"))
     env = {**os.environ, "VLLM_USE_AOT_COMPILE": "0"}

@@ -4,7 +4,8 @@
                      | DeploymentHandle per model
                      v
                   FactoryLLMServer x replicas (vLLM AsyncLLM + vLLM OpenAI serving)
-    StateHub <- replicas report liveness + engine metrics; ingress reads it
+    StateHub <- replicas report liveness + engine and power metrics; ingress reads it
+    LedgerService <- ingress admits (key + reservation), replicas settle (group commit)
 
 Built with Ray Serve LLM's own pieces (`LLMConfig`, `build_llm_deployment`, `server_cls`), so
 vLLM's serving code answers every OpenAI request.
@@ -21,6 +22,8 @@ from factory.api.ingress import make_ingress_class
 from factory.config import FactoryConfig, ModelConfig, parse_config
 from factory.engine.server import FactoryLLMServer, LocalModelCallback
 from factory.hub import StateHub
+from factory.metering.ledger import default_ledger_path
+from factory.metering.service import LedgerService
 from factory.models import ResolvedModel
 
 
@@ -29,7 +32,9 @@ def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:
     return model.device == "cuda" or (model.device == "auto" and gpu_available)
 
 
-def llm_config_for(model: ModelConfig, resolved: ResolvedModel, gpu: bool, drain_timeout_s: float) -> LLMConfig:
+def llm_config_for(
+    model: ModelConfig, resolved: ResolvedModel, gpu: bool, drain_timeout_s: float, metered: bool = True
+) -> LLMConfig:
     engine_kwargs = {
         "dtype": model.dtype,
         "enforce_eager": model.enforce_eager if model.enforce_eager is not None else not gpu,
@@ -38,11 +43,16 @@ def llm_config_for(model: ModelConfig, resolved: ResolvedModel, gpu: bool, drain
         "tensor_parallel_size": model.tensor_parallel_size,
         **model.engine_kwargs,
     }
+    if metered:  # metering rides on vLLM's own scheduler (the async one where vLLM schedules ahead on GPUs)
+        engine_kwargs["scheduler_cls"] = f"factory.engine.scheduler.{'Async' if gpu else ''}MeteringScheduler"
     if model.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = model.max_num_batched_tokens
     env, placement = {}, {}
     if gpu:
         engine_kwargs["gpu_memory_utilization"] = model.gpu_memory_utilization
+        # CUDA's default device order is "fastest first", NVML's is PCI bus order: make them
+        # agree so the meter reads the boards this replica's CUDA_VISIBLE_DEVICES names.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     else:
         # Ray Serve LLM asks for a GPU per engine by default; on CPU the bundle holds the
         # replica's CPUs instead (the replica actor itself then reserves none).
@@ -84,8 +94,29 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         logging_config={"enable_access_log": False},  # polled several times a second
     ).bind({m.served_name: m.replicas for m in cfg.models})
 
-    llm_configs = [llm_config_for(m, resolved[m.served_name], on_gpu(m, gpu_available), drain_s) for m in cfg.models]
-    llm_deployments = {c.model_id: build_llm_deployment(c, bind_kwargs={"hub": hub}) for c in llm_configs}
+    ledger = serve.deployment(
+        LedgerService,
+        name="LedgerService",
+        # One writer per SQLite file: exactly one replica, wherever the head node keeps the file.
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=100_000,
+        graceful_shutdown_timeout_s=drain_s,
+        logging_config={"enable_access_log": False},
+    ).bind(
+        cfg.ledger.path or str(default_ledger_path()),
+        reservation_ttl_s=cfg.reservation_ttl_s,
+        commit_interval_ms=cfg.ledger.commit_interval_ms,
+    )
+    metering = {"telemetry": cfg.telemetry.model_dump(), "cost": cfg.cost.model_dump(mode="json")}
+    llm_configs = [
+        llm_config_for(m, resolved[m.served_name], on_gpu(m, gpu_available), drain_s, cfg.telemetry.enabled)
+        for m in cfg.models
+    ]
+    llm_deployments = {
+        c.model_id: build_llm_deployment(c, bind_kwargs={"hub": hub, "ledger": ledger, "metering": metering})
+        for c in llm_configs
+    }
     model_cards = {c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs}
 
     ingress = serve.deployment(
@@ -101,7 +132,15 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         max_ongoing_requests=100_000,
         graceful_shutdown_timeout_s=drain_s,
     )
-    return ingress.bind(llm_deployments=llm_deployments, model_cards=model_cards, hub=hub)
+    return ingress.bind(
+        llm_deployments=llm_deployments,
+        model_cards=model_cards,
+        hub=hub,
+        ledger=ledger,
+        auth_required=cfg.auth == "required",
+        tokenizers={m.served_name: resolved[m.served_name].path_or_id for m in cfg.models},
+        max_model_len={m.served_name: m.max_model_len for m in cfg.models},
+    )
 
 
 def build(args: dict) -> Application:

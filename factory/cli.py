@@ -6,12 +6,18 @@ import argparse
 import sys
 
 from factory.config import ConfigError, load_config, with_overrides
+from factory.metering.cli import add_commands as add_metering_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
-        cfg = with_overrides(cfg, server={"host": args.host, "port": args.port}, ray={"address": args.address})
+        cfg = with_overrides(
+            cfg,
+            server={"host": args.host, "port": args.port, "allow_unauthenticated": args.allow_unauthenticated or None},
+            ray={"address": args.address},
+            top={"auth": args.auth},
+        )
     except ConfigError as err:
         print(f"factory: {err}", file=sys.stderr)
         return 2
@@ -50,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    s.add_argument("--auth", choices=["required", "disabled"], default=None, help="override the config's auth")
+    s.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="let auth: disabled bind a non-loopback address (anyone who reaches it gets tokens free)",
+    )
     s.set_defaults(func=_serve)
 
     m = sub.add_parser("models", help="embedded models").add_subparsers(dest="models_command", required=True)
@@ -57,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name")
     pull.set_defaults(func=_models_pull)
     m.add_parser("list", help="embedded models and whether they are pulled").set_defaults(func=_models_list)
+    add_metering_commands(sub)
     return p
 
 

@@ -8,8 +8,12 @@ falls back to a default.
 from __future__ import annotations
 
 import ipaddress
+import re
+from datetime import time as dtime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +39,13 @@ class ServerConfig(_Strict):
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM/Ctrl-C, how long in-flight requests get to finish."
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description=(
+            "Let `auth: disabled` bind a non-loopback address. Off by default: an open port without "
+            "keys gives tokens away to anyone who can reach it."
+        ),
     )
 
     @property
@@ -140,6 +151,135 @@ class ModelConfig(_Strict):
         return self.name or default_served_name(self.source)
 
 
+class LedgerConfig(_Strict):
+    path: str | None = Field(
+        None, description="SQLite file of tenants, keys, packages and usage; null = $FACTORY_HOME/ledger.db."
+    )
+    reservation_ttl_s: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "A reservation not settled after this long is released (its request died with its "
+            "replica); null = server.request_timeout_s + 60 s."
+        ),
+    )
+    commit_interval_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description=(
+            "Group commit: settlements arriving within this window share one transaction. A response "
+            "is sent only after its settlement is committed."
+        ),
+    )
+
+
+class TelemetryConfig(_Strict):
+    enabled: bool = Field(
+        True,
+        description=(
+            "Measure and attribute energy. false leaves vLLM's scheduler as it is and reports no "
+            "energy (usage still counts tokens and is settled); for overhead benchmarks."
+        ),
+    )
+    source: Literal["auto", "nvml", "modeled"] = Field(
+        "auto", description="Power source: auto = NVML where it works, else modeled (logged at start)."
+    )
+    sample_interval_ms: float = Field(100.0, ge=10, le=5000, description="Sampler period per replica.")
+    modeled_idle_watts: float = Field(
+        40.0, ge=0, description="Modeled source: the device's power with nothing running, W."
+    )
+    modeled_max_watts: float = Field(
+        120.0, gt=0, description="Modeled source: the device's power while the engine is busy, W."
+    )
+    prefill_token_weight: float = Field(
+        0.3,
+        ge=0,
+        description=(
+            "Energy of one prompt (prefill) token relative to one generated (decode) token when a "
+            "step's energy is split among its requests. Prefill is compute-bound and batched, decode "
+            "memory-bound, so a prefill token costs less; a calibrated profile supplies the real ratio."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _max_above_idle(self) -> TelemetryConfig:
+        if self.modeled_max_watts < self.modeled_idle_watts:
+            raise ValueError("modeled_max_watts must be at least modeled_idle_watts")
+        return self
+
+
+_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class TouPeriodConfig(_Strict):
+    start: str = Field(description="Local wall-clock start, HH:MM (inclusive).")
+    end: str = Field(description="Local wall-clock end, HH:MM (exclusive); end <= start wraps midnight.")
+    price_per_kwh: Decimal = Field(ge=0, description="Tariff in this period, currency per kWh.")
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        if not _HHMM.match(v):
+            raise ValueError("must be HH:MM (24-hour)")
+        return v
+
+    def as_times(self) -> tuple[dtime, dtime]:
+        return dtime.fromisoformat(self.start), dtime.fromisoformat(self.end)
+
+
+class CostConfig(_Strict):
+    currency: str = Field("CNY", description="ISO 4217 code every amount is in (CNY, USD, EUR, ...).")
+    price_per_kwh: Decimal | None = Field(
+        Decimal("0.8"), ge=0, description="Flat electricity tariff per kWh; null when `tou` is given."
+    )
+    tou: list[TouPeriodConfig] = Field(
+        default_factory=list, description="Time-of-use tariff: periods covering the whole day without overlap."
+    )
+    timezone: str = Field("UTC", description="IANA zone the time-of-use periods are in (e.g. Asia/Shanghai).")
+    pue: Decimal = Field(
+        Decimal("1.2"), ge=1, description="Power usage effectiveness: facility energy per unit of device energy."
+    )
+    gpu_price_per_hour: Decimal = Field(
+        Decimal("0"),
+        ge=0,
+        description=(
+            "Amortised price of one replica-hour of its devices; a request pays its share of the "
+            "replica's busy time. 0 for the CPU default."
+        ),
+    )
+
+    @field_validator("currency")
+    @classmethod
+    def _iso_currency(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Z]{3}", v):
+            raise ValueError("must be a 3-letter ISO 4217 code such as CNY or USD")
+        return v
+
+    @field_validator("price_per_kwh", "pue", "gpu_price_per_hour", mode="before")
+    @classmethod
+    def _exact_decimal(cls, v: Any) -> Any:
+        # YAML reads 0.8 as a float; go through its shortest repr so 0.8 stays 0.8 exactly.
+        return repr(v) if isinstance(v, float) else v
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_exists(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_tariff(self) -> CostConfig:
+        if self.tou and self.price_per_kwh is not None and "price_per_kwh" in self.model_fields_set:
+            raise ValueError("give either price_per_kwh (flat) or tou (time-of-use), not both")
+        if not self.tou and self.price_per_kwh is None:
+            raise ValueError("a tariff is needed: price_per_kwh or tou")
+        return self
+
+
 _SHADOWED_ENGINE_KWARGS = {
     "model",
     "dtype",
@@ -150,6 +290,7 @@ _SHADOWED_ENGINE_KWARGS = {
     "tensor_parallel_size",
     "kv_cache_memory_bytes",
     "enforce_eager",
+    "scheduler_cls",
 }
 
 
@@ -159,6 +300,17 @@ class FactoryConfig(_Strict):
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig()], min_length=1, description="Models to serve, each with its replicas."
     )
+    auth: Literal["required", "disabled"] = Field(
+        "disabled",
+        description=(
+            "required: every API request carries `Authorization: Bearer <key>` of a tenant and "
+            "spends its token packages. disabled: requests are booked to tenant 'anonymous' with no "
+            "quota; allowed only on a loopback address unless server.allow_unauthenticated."
+        ),
+    )
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig, description="Where usage and quotas live.")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Power measurement.")
+    cost: CostConfig = Field(default_factory=CostConfig, description="Prices that turn joules into money.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Terminal log level.")
 
     @model_validator(mode="after")
@@ -168,6 +320,20 @@ class FactoryConfig(_Strict):
         if dupes:
             raise ValueError(f"models: served names must be unique, repeated: {', '.join(dupes)}")
         return self
+
+    @model_validator(mode="after")
+    def _no_open_door(self) -> FactoryConfig:
+        if self.auth == "disabled" and not self.server.is_loopback and not self.server.allow_unauthenticated:
+            raise ValueError(
+                f"auth is disabled but server.host is {self.server.host}, reachable from other machines: "
+                "set auth: required (and create keys with `factory keys create`), bind 127.0.0.1, or set "
+                "server.allow_unauthenticated: true to serve without keys on purpose"
+            )
+        return self
+
+    @property
+    def reservation_ttl_s(self) -> float:
+        return self.ledger.reservation_ttl_s or self.server.request_timeout_s + 60.0
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -207,13 +373,15 @@ def load_config(path: str | Path | None = None) -> FactoryConfig:
 def with_overrides(cfg: FactoryConfig, **sections: dict[str, Any]) -> FactoryConfig:
     """A copy of `cfg` with fields replaced per section (CLI flags win over the file), re-validated.
 
-    `with_overrides(cfg, server={"port": 9000}, ray={"address": None})`: None values are ignored.
+    `with_overrides(cfg, server={"port": 9000}, ray={"address": None})`: None values are ignored;
+    section `top` holds top-level fields (`top={"auth": "required"}`).
     """
-    data = cfg.model_dump()
+    # Only what was set: defaults stay defaults (a tou tariff must not meet a default flat price).
+    data = cfg.model_dump(mode="json", exclude_unset=True)
     changed = False
     for section, fields in sections.items():
         for key, value in fields.items():
             if value is not None:
-                data[section][key] = value
+                (data if section == "top" else data.setdefault(section, {}))[key] = value
                 changed = True
     return parse_config(data, origin="command line") if changed else cfg

@@ -61,10 +61,17 @@ def _banner(cfg: FactoryConfig, elapsed_s: float) -> str:
     url = _local_url(cfg)
     model = cfg.models[0].served_name
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    auth = " -H 'Authorization: Bearer $FACTORY_KEY'" if cfg.auth == "required" else ""
+    keys = (
+        "Auth is required: `factory tenants create NAME`, `factory keys create --tenant NAME` and\n"
+        "`factory packages grant --tenant NAME --tokens N` make a key with tokens to spend.\n"
+        if cfg.auth == "required"
+        else ""
+    )
     return (
-        f"\nToken Factory ready in {elapsed_s:.1f}s at {url}  (OpenAI API under {url}/v1)\n"
-        f"Try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
-        f"Metrics: {url}/metrics   Ctrl-C to stop.\n"
+        f"\nToken Factory ready in {elapsed_s:.1f}s at {url}  (OpenAI API under {url}/v1)\n{keys}"
+        f"Try:\n  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{body}'\n"
+        f"Metrics: {url}/metrics   Usage: {url}/v1/usage   Ctrl-C to stop.\n"
     )
 
 

@@ -3,13 +3,27 @@ model (fast), through the real `factory serve` command: Ray Serve, vLLM (CPU), H
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
 import pytest
 
+from factory.metering.ledger import Ledger
 from factory.models import build_tiny_model
 from tests.support import FactoryProcess, free_port, write_config
 
 TINY_MODEL = "tiny"
 TINY_CONTEXT = 512
+TENANT = "acme"
+TENANT_TOKENS = 100_000_000
+
+
+@dataclass(frozen=True)
+class Keys:
+    tenant: str  # acme's key
+    admin: str
+    ledger_path: Path
 
 
 @pytest.fixture(scope="session")
@@ -18,18 +32,35 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_factory(tiny_model_dir, tmp_path_factory):
-    """A running factory serving the tiny model; yields the FactoryProcess."""
+def keys(tmp_path_factory) -> Keys:
+    """A fresh ledger with tenant acme (a key and a large package) and an admin key."""
+    path = tmp_path_factory.mktemp("ledger") / "ledger.db"
+    ledger = Ledger(path)
+    try:
+        ledger.create_tenant(TENANT, priority="standard")
+        _, tenant_key = ledger.create_key(TENANT, label="tests")
+        ledger.grant_package(TENANT, TENANT_TOKENS)
+        _, admin_key = ledger.create_key(None, admin=True, label="tests")
+    finally:
+        ledger.close()
+    return Keys(tenant_key, admin_key, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tiny_model_dir, tmp_path_factory, keys):
+    """A running factory serving the tiny model with auth required; yields the FactoryProcess."""
     work = tmp_path_factory.mktemp("tiny-factory")
     port = free_port()
     config = write_config(
         work / "factory.yaml",
         port=port,
         models=[{"name": TINY_MODEL, "source": str(tiny_model_dir), "max_model_len": TINY_CONTEXT, "max_num_seqs": 32}],
+        auth="required",
+        ledger={"path": str(keys.ledger_path)},
     )
     factory = FactoryProcess(config, work / "serve.log", port)
     try:
-        factory.wait_ready(probe_chat_model=TINY_MODEL)
+        factory.wait_ready(probe_chat_model=TINY_MODEL, probe_headers=bearer(keys.tenant))
         yield factory
     finally:
         try:
@@ -43,8 +74,26 @@ def base_url(tiny_factory):
     return tiny_factory.base_url
 
 
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 @pytest.fixture()
-def client(base_url):
+def client(base_url, keys):
     from openai import OpenAI
 
-    return OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return OpenAI(base_url=base_url + "/v1", api_key=keys.tenant, max_retries=0, timeout=60)
+
+
+@pytest.fixture()
+def api(base_url, keys):
+    """Raw HTTP as tenant acme."""
+    with httpx.Client(base_url=base_url, headers=bearer(keys.tenant), timeout=60) as c:
+        yield c
+
+
+@pytest.fixture()
+def admin(base_url, keys):
+    """Raw HTTP with the admin key."""
+    with httpx.Client(base_url=base_url, headers=bearer(keys.admin), timeout=60) as c:
+        yield c

@@ -44,7 +44,9 @@ class FactoryProcess:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def wait_ready(self, timeout_s: float = 420, probe_chat_model: str | None = None) -> None:
+    def wait_ready(
+        self, timeout_s: float = 420, probe_chat_model: str | None = None, probe_headers: dict | None = None
+    ) -> None:
         """Poll /ready; keep the 503s seen on the way (and one chat attempt) for tests to inspect."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -63,6 +65,7 @@ class FactoryProcess:
                         httpx.post(
                             self.base_url + "/v1/chat/completions",
                             json={"model": probe_chat_model, "messages": [{"role": "user", "content": "hi"}]},
+                            headers=probe_headers,
                             timeout=10,
                         )
                     )

@@ -3,13 +3,16 @@
 vLLM's own serving classes (inside each `LLMServer` replica) build the OpenAI responses; this
 class adds what a token seller needs in front of them: readiness gating (503 + Retry-After
 while replicas start), request checks that vLLM leaves to later, OpenAI-shaped errors for every
-failure, `/health`, `/ready` and `/metrics`. Later layers (auth, quotas, metering) hook in here.
+failure, `/health`, `/ready` and `/metrics`; and the front half of metering: API keys, the
+reservation of each request's worst case against its tenant's token packages (429 when they
+cannot cover it), and the tenant/request stamps the engine meter and the replica settle by.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,18 +26,26 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response
+from vllm.entrypoints.generate.base.protocol import StreamOptions
 
+from factory.api.admin import ADMIN_ENDPOINTS, AdminRoutes, bearer_token, missing_key
 from factory.api.errors import APIError, install_handlers, not_ready
 from factory.api.metrics import RequestMetricsMiddleware, factory_metrics
+from factory.api.tokens import PromptCounter
+from factory.engine.meter import XARG_PRIORITY, XARG_REQUEST, XARG_TENANT
+from factory.engine.server import XARG_CLIENT_USAGE
 
 log = logging.getLogger("factory.ingress")
 
 READINESS_POLL_S = 0.5
+# Ray Serve's own x-request-id echoes whatever the client sent, so the ledger key (ours, never the
+# client's: a reused id must not settle as someone else's request) has its own header.
+REQUEST_ID_HEADER = "x-factory-request-id"
 RETRY_AFTER_S = 5
 
 
-class FactoryIngress(OpenAiIngress):
-    """OpenAI routes for every configured model, gated on replica readiness."""
+class FactoryIngress(AdminRoutes, OpenAiIngress):
+    """OpenAI routes for every configured model, gated on replica readiness and on quota."""
 
     async def __init__(
         self,
@@ -43,9 +54,16 @@ class FactoryIngress(OpenAiIngress):
         *,
         lora_paths: dict[str, str] | None = None,
         hub: DeploymentHandle,
+        ledger: DeploymentHandle,
+        auth_required: bool,
+        tokenizers: dict[str, str],
+        max_model_len: dict[str, int],
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self._hub = hub
+        self._ledger = ledger
+        self._auth_required = auth_required
+        self._counter = PromptCounter(tokenizers, max_model_len)
         self._id = serve.get_replica_context().replica_id.unique_id
         self._readiness: dict[str, Any] = {"ready": False, "draining": False, "models": {}}
         # Readiness is refreshed off the request path, so a request never waits on the hub.
@@ -93,23 +111,66 @@ class FactoryIngress(OpenAiIngress):
         except Exception as err:
             log.warning("engine metrics unavailable: %s", err)
             families = []
-        return Response(factory_metrics().exposition(families), media_type="text/plain; version=0.0.4; charset=utf-8")
+        try:
+            ledger_families = await self._ledger.families.remote()
+        except Exception as err:
+            log.warning("ledger metrics unavailable: %s", err)
+            ledger_families = []
+        text = factory_metrics().exposition(families, ledger_families)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         _check_messages(body.messages)
         _check_max_tokens(body.max_tokens, "max_tokens")
         _check_max_tokens(body.max_completion_tokens, "max_completion_tokens")
-        await self._get_model_id(body.model)  # unknown model -> 404 before any readiness talk
-        self._require_serving(body.model)
-        return await super().chat(body, request)
+        model = await self._get_model_id(body.model)  # unknown model -> 404 before any readiness talk
+        request_id = await self._admit(body, request, model, chat=True)
+        return _with_request_id(await super().chat(body, request), request_id)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         if body.prompt is None or body.prompt == "" or body.prompt == []:
             raise APIError(400, "'prompt' must not be empty.", param="prompt", code="invalid_value")
         _check_max_tokens(body.max_tokens, "max_tokens")
-        await self._get_model_id(body.model)
+        model = await self._get_model_id(body.model)
+        request_id = await self._admit(body, request, model, chat=False)
+        return _with_request_id(await super().completions(body, request), request_id)
+
+    async def _admit(self, body: Any, request: Request, model: str, *, chat: bool) -> str:
+        """Key, readiness, quota, then the stamps the engine and the replica meter by.
+
+        With auth required the request's worst case (prompt + max completion) is reserved
+        against the tenant's packages before it reaches an engine; the replica settles it."""
+        token = bearer_token(request) if self._auth_required else None
+        if self._auth_required and token is None:
+            raise missing_key()
         self._require_serving(body.model)
-        return await super().completions(body, request)
+        request_id = f"req-{uuid.uuid4().hex}"
+        tenant, priority = "anonymous", "standard"
+        if self._auth_required:
+            worst = await self._counter.worst_case_tokens(model, body, chat=chat)
+            answer = await self._ledger.admit.remote(token, request_id, worst)
+            if not answer["ok"]:
+                raise APIError(answer["status"], answer["message"], code=answer["code"])
+            tenant, priority = answer["tenant"], answer["priority"]
+        client_usage = not body.stream or bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:  # the replica needs the final usage to settle; it drops it if the client did not ask
+            continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+            body.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=continuous)
+        # Set last, over anything the client sent under the same names: a tenant is never the client's say.
+        body.vllm_xargs = {
+            **(body.vllm_xargs or {}),
+            XARG_REQUEST: request_id,
+            XARG_TENANT: tenant,
+            XARG_PRIORITY: priority,
+            XARG_CLIENT_USAGE: int(client_usage),
+        }
+        return request_id
+
+
+def _with_request_id(response: Response, request_id: str) -> Response:
+    """The id the ledger keeps this request under, so a client can find its usage row."""
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 def _check_messages(messages: list) -> None:
@@ -142,6 +203,7 @@ ENDPOINTS = {
     "health": lambda app: app.get("/health"),
     "ready": lambda app: app.get("/ready"),
     "metrics": lambda app: app.get("/metrics"),
+    **ADMIN_ENDPOINTS,
 }
 
 

@@ -54,8 +54,15 @@ class FactoryMetrics:
             self.replicas_serving.labels(model).set(m["serving"])
             self.replicas_expected.labels(model).set(m["expected"])
 
-    def exposition(self, engine_families: Iterable[tuple[str, list[Metric]]]) -> bytes:
-        return generate_latest(self.registry) + generate_latest(_ReplicaCollector(engine_families))
+    def exposition(
+        self, replica_families: Iterable[tuple[str, list[Metric]]], app_families: Iterable[Metric] = ()
+    ) -> bytes:
+        """Our own metrics, each replica's (`replica` label added) and app-wide ones (the ledger's)."""
+        return (
+            generate_latest(self.registry)
+            + generate_latest(_ReplicaCollector(replica_families))
+            + generate_latest(_Families(app_families))
+        )
 
 
 @functools.cache
@@ -80,6 +87,14 @@ class _ReplicaCollector:
                 for s in fam.samples:
                     out.samples.append(s._replace(labels={**s.labels, "replica": replica}))
         return merged.values()
+
+
+class _Families:
+    def __init__(self, families: Iterable[Metric]):
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 class RequestMetricsMiddleware:

@@ -1,14 +1,21 @@
 """The engine replica: Ray Serve LLM's `LLMServer` (vLLM `AsyncLLM` + vLLM's OpenAI serving
-classes), plus a once-a-second report to the state hub (liveness and `vllm:*` metrics).
+classes), plus what the factory adds per replica:
 
-vLLM's PrometheusStatLogger records into this process's default registry; the report carries
-those families, so the ingress can expose every replica's engine metrics on one `/metrics`.
+- metering: the engine meter (inside vLLM's EngineCore, see factory/engine/meter.py) reports
+  each request's energy here; a finished request's usage gets `energy_joules` and `cost`, is
+  settled in the ledger (committed before the client sees the usage), and only then is sent;
+- a once-a-second report to the state hub: liveness, vLLM's `vllm:*` families and the replica's
+  `factory_*` power, energy and token families.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import REGISTRY
 from ray import serve
@@ -16,13 +23,38 @@ from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm import LLMConfig, LLMServer
 
+from factory.config import CostConfig, TelemetryConfig
+from factory.engine.meter import XARG_REQUEST, XARG_TENANT
+from factory.engine.replica_meter import ReplicaMeter
 from factory.hub import REPORT_INTERVAL_S
+from factory.metering.cost import money_json
+from factory.metering.service import cost_model
 
 log = logging.getLogger("factory.engine")
 
+# The ingress says whether the client itself asked for a usage chunk (it always asks vLLM).
+XARG_CLIENT_USAGE = "factory_client_usage"
+FINAL_RECORD_TIMEOUT_S = 5.0
+
 
 class FactoryLLMServer(LLMServer):
-    async def __init__(self, llm_config: LLMConfig, *, hub: DeploymentHandle, **kwargs):
+    async def __init__(
+        self,
+        llm_config: LLMConfig,
+        *,
+        hub: DeploymentHandle,
+        ledger: DeploymentHandle,
+        metering: dict[str, Any],
+        **kwargs,
+    ):
+        telemetry = TelemetryConfig(**metering["telemetry"])
+        self._meter = ReplicaMeter(telemetry) if telemetry.enabled else None
+        if self._meter is not None:
+            self._meter.export_engine_env()  # before the engine (and its EngineCore process) starts
+            self._meter.start()
+        self._cost = cost_model(CostConfig(**metering["cost"]))
+        self._ledger = ledger
+        self._background: set[asyncio.Task] = set()
         await super().__init__(llm_config, **kwargs)  # returns once the engine is up
         self._hub = hub
         self._model = llm_config.model_id
@@ -35,16 +67,141 @@ class FactoryLLMServer(LLMServer):
         # detached actor process on the head node (~225 MB resident) that nobody asked for.
         await self.engine.start()
 
+    async def chat(self, request, raw_request_info=None):
+        return self._metered(request, await super().chat(request, raw_request_info))
+
+    async def completions(self, request, raw_request_info=None):
+        return self._metered(request, await super().completions(request, raw_request_info))
+
+    async def _metered(self, request, stream: AsyncGenerator) -> AsyncGenerator:
+        """Pass the response through; price, settle and enrich its usage on the way out."""
+        xargs = request.vllm_xargs or {}
+        key = str(xargs.get(XARG_REQUEST, request.request_id))
+        parts = _engine_requests(request)
+        tenant = str(xargs.get(XARG_TENANT, "anonymous"))
+        client_usage = bool(xargs.get(XARG_CLIENT_USAGE, 1))
+        started = datetime.now(UTC)
+        settled = failed = False
+        try:
+            async for item in stream:
+                if isinstance(item, list):  # a batch of SSE strings
+                    out = []
+                    for chunk in item:
+                        if isinstance(chunk, str) and chunk.startswith("data: {") and '"usage"' in chunk:
+                            payload = json.loads(chunk[6:])
+                            if payload.get("usage") and not payload.get("choices"):
+                                payload["usage"] = await self._settle(key, parts, tenant, payload["usage"], started)
+                                settled = True
+                                if not client_usage:
+                                    continue
+                                chunk = f"data: {json.dumps(payload)}\n\n"
+                        elif not isinstance(chunk, str):
+                            failed = True
+                        out.append(chunk)
+                    if out:
+                        yield out
+                elif getattr(item, "usage", None) is not None:  # a whole response
+                    usage = await self._settle(key, parts, tenant, item.usage.model_dump(), started)
+                    settled = True
+                    for name in ("energy_joules", "energy_source", "cost"):
+                        setattr(item.usage, name, usage[name])
+                    yield item
+                else:  # an ErrorResponse
+                    failed = True
+                    yield item
+        finally:
+            if not settled:
+                task = asyncio.get_running_loop().create_task(
+                    self._settle_unfinished(key, parts, tenant, started, failed)
+                )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _settle(
+        self, key: str, parts: int, tenant: str, usage: dict[str, Any], started: datetime
+    ) -> dict[str, Any]:
+        rec = await self._final(key, parts)
+        energy_j = rec["energy_j"] if rec else 0.0
+        source = rec["source"] if rec else ("missing" if self._meter else "off")
+        finished = datetime.now(UTC)
+        cost = self._cost.cost(energy_j=energy_j, busy_s=rec["busy_s"] if rec else 0.0, at=finished)
+        await self._ledger.settle.remote(
+            {
+                "request_id": key,
+                "tenant": tenant,
+                "prompt_tokens": usage.get("prompt_tokens") or 0,
+                "completion_tokens": usage.get("completion_tokens") or 0,
+                "energy_j": energy_j,
+                "energy_source": source,
+                "cost": cost,
+                "currency": self._cost.currency,
+                "model": self._model,
+                "replica": self._replica_id,
+                "status": "completed",
+                "started_at": started,
+                "finished_at": finished,
+            }
+        )
+        return {
+            **usage,
+            "energy_joules": round(energy_j, 6),
+            "energy_source": source,
+            "cost": money_json(cost, self._cost.currency),
+        }
+
+    async def _settle_unfinished(self, key: str, parts: int, tenant: str, started: datetime, failed: bool) -> None:
+        """A request that ended without usage (client gone, timeout, error): charge what the
+        engine did for it up to the end, or release its reservation if the engine never ran it."""
+        try:
+            rec = await self._final(key, parts)
+            if rec is None:
+                await self._ledger.release.remote(key)
+                return
+            finished = datetime.now(UTC)
+            await self._ledger.settle.remote(
+                {
+                    "request_id": key,
+                    "tenant": tenant,
+                    "prompt_tokens": rec["prompt_tokens"],
+                    "completion_tokens": rec["completion_tokens"],
+                    "energy_j": rec["energy_j"],
+                    "energy_source": rec["source"],
+                    "cost": self._cost.cost(energy_j=rec["energy_j"], busy_s=rec["busy_s"], at=finished),
+                    "currency": self._cost.currency,
+                    "model": self._model,
+                    "replica": self._replica_id,
+                    "status": "failed" if failed else "aborted",
+                    "started_at": started,
+                    "finished_at": finished,
+                }
+            )
+        except Exception:
+            log.exception("settling unfinished request %s failed", key)
+
+    async def _final(self, key: str, parts: int) -> dict[str, Any] | None:
+        return await self._meter.final(key, FINAL_RECORD_TIMEOUT_S, parts) if self._meter else None
+
     async def _report_forever(self) -> None:
         while True:
             try:
                 # A dead engine stops reporting, so the hub ages this replica out of /ready.
                 await self.engine.check_health()
                 families = [f for f in REGISTRY.collect() if f.name.startswith("vllm:")]
+                families += self._meter.families() if self._meter else []
                 await self._hub.report.remote(self._replica_id, self._model, families)
             except Exception as err:  # the hub may be restarting; liveness resumes next tick
                 log.warning("report to state hub failed: %s", err)
             await asyncio.sleep(REPORT_INTERVAL_S)
+
+
+def _engine_requests(request: Any) -> int:
+    """How many engine requests vLLM makes of one API request: one per choice (`n`) and, for
+    completions, per prompt in a batch. Each reports its own energy under the same key."""
+    count = getattr(request, "n", None) or 1
+    prompt = getattr(request, "prompt", None)
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        count *= len(prompt)
+    return count
 
 
 class LocalModelCallback(CallbackBase):

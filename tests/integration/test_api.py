@@ -132,37 +132,35 @@ USER = [{"role": "user", "content": "hi"}]
         "max-tokens-negative",
     ],
 )
-def test_bad_chat_requests_are_400(base_url, body, param):
-    err = _assert_openai_error(httpx.post(base_url + CHAT, json=body), 400)
+def test_bad_chat_requests_are_400(api, body, param):
+    err = _assert_openai_error(api.post(CHAT, json=body), 400)
     assert err["type"] == "invalid_request_error"
     if param:
         assert err["param"] == param
 
 
-def test_malformed_json_is_400(base_url):
-    r = httpx.post(
-        base_url + CHAT, content=b'{"model": "tiny", "messages": [', headers={"Content-Type": "application/json"}
-    )
+def test_malformed_json_is_400(api):
+    r = api.post(CHAT, content=b'{"model": "tiny", "messages": [', headers={"Content-Type": "application/json"})
     err = _assert_openai_error(r, 400)
     assert "JSON" in err["message"]
 
 
-def test_empty_completion_prompt_is_400(base_url):
-    err = _assert_openai_error(httpx.post(base_url + "/v1/completions", json={"model": TINY_MODEL, "prompt": ""}), 400)
+def test_empty_completion_prompt_is_400(api):
+    err = _assert_openai_error(api.post("/v1/completions", json={"model": TINY_MODEL, "prompt": ""}), 400)
     assert err["param"] == "prompt"
 
 
-def test_max_tokens_beyond_context_is_400(base_url):
+def test_max_tokens_beyond_context_is_400(api):
     body = {"model": TINY_MODEL, "messages": USER, "max_tokens": TINY_CONTEXT + 1}
-    err = _assert_openai_error(httpx.post(base_url + CHAT, json=body), 400)
+    err = _assert_openai_error(api.post(CHAT, json=body), 400)
     assert str(TINY_CONTEXT) in err["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_prompt_longer_than_context_is_400(base_url, stream):
+def test_prompt_longer_than_context_is_400(api, stream):
     long_prompt = "word " * (TINY_CONTEXT * 2)
     body = {"model": TINY_MODEL, "prompt": long_prompt, "max_tokens": 4, "stream": stream}
-    err = _assert_openai_error(httpx.post(base_url + "/v1/completions", json=body), 400)
+    err = _assert_openai_error(api.post("/v1/completions", json=body), 400)
     assert "context" in err["message"].lower() or "length" in err["message"].lower()
 
 

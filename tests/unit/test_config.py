@@ -81,8 +81,51 @@ def test_cli_overrides_win_and_are_validated():
 
 
 def test_public_bind_is_not_loopback():
-    assert not parse_config({"server": {"host": "0.0.0.0"}}).server.is_loopback
+    assert not parse_config({"server": {"host": "0.0.0.0"}, "auth": "required"}).server.is_loopback
     assert parse_config({"server": {"host": "::1"}}).server.is_loopback
+
+
+def test_no_auth_on_a_public_address_is_refused_unless_overridden():
+    with pytest.raises(ConfigError, match="auth is disabled but server.host is 0.0.0.0"):
+        parse_config({"server": {"host": "0.0.0.0"}})
+    with pytest.raises(ConfigError, match="auth is disabled"):
+        with_overrides(FactoryConfig(), server={"host": "10.0.0.5"})
+    open_door = parse_config({"server": {"host": "0.0.0.0", "allow_unauthenticated": True}})
+    assert open_door.auth == "disabled"
+    assert with_overrides(FactoryConfig(), server={"host": "0.0.0.0"}, top={"auth": "required"}).auth == "required"
+
+
+def test_cli_refuses_a_public_bind_without_auth():
+    r = subprocess.run([str(FACTORY_BIN), "serve", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "auth is disabled but server.host is 0.0.0.0" in r.stderr
+
+
+def test_money_in_config_is_exact_decimal():
+    cfg = parse_config({"cost": {"price_per_kwh": 0.1, "pue": 1.3, "gpu_price_per_hour": 2.35, "currency": "USD"}})
+    assert str(cfg.cost.price_per_kwh) == "0.1" and str(cfg.cost.gpu_price_per_hour) == "2.35"
+
+
+@pytest.mark.parametrize(
+    "cost, why",
+    [
+        ({"currency": "yuan"}, "3-letter ISO 4217"),
+        ({"pue": 0.9}, "greater than or equal to 1"),
+        ({"price_per_kwh": None}, "a tariff is needed"),
+        ({"price_per_kwh": 1, "tou": [{"start": "00:00", "end": "00:00", "price_per_kwh": 1}]}, "not both"),
+        ({"tou": [{"start": "25:00", "end": "00:00", "price_per_kwh": 1}]}, "HH:MM"),
+        ({"timezone": "Mars/Olympus"}, "unknown time zone"),
+    ],
+)
+def test_bad_cost_section_is_refused(cost, why):
+    with pytest.raises(ConfigError, match=why):
+        parse_config({"cost": cost})
+
+
+def test_reservation_ttl_defaults_beyond_the_request_timeout():
+    cfg = parse_config({"server": {"request_timeout_s": 100}})
+    assert cfg.reservation_ttl_s == 160
+    assert parse_config({"ledger": {"reservation_ttl_s": 5}}).reservation_ttl_s == 5
 
 
 def test_serve_refuses_a_bad_config_before_starting_anything(tmp_path):

@@ -1,0 +1,282 @@
+"""The engine-side meter: runs inside vLLM's EngineCore process, beside the scheduler.
+
+Only there are engine steps visible (which requests ran, with how many prefill and decode
+tokens, from when to when), so only there can a step's energy be split among its requests. The
+meter owns the replica's power source and its ~100 ms sampler, feeds readings and step
+boundaries to the attribution policy, and pushes two kinds of message to the replica process
+over a ZeroMQ socket:
+
+- `final`: one per request when it finishes or is aborted: energy, busy time, tokens, status;
+- `snapshot`: every sample: cumulative energy per device, idle and per-tenant attributed energy,
+  per-tenant tokens, power facts. The replica turns these into Prometheus metrics.
+
+Configured by the replica through the `FACTORY_METER` environment variable (JSON), which the
+EngineCore process inherits when vLLM starts it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from factory.policy.attribution import EnergyAttributor, StepWork
+from factory.telemetry.sampler import PowerSampler
+from factory.telemetry.sources import PowerReading, select_power_source
+
+log = logging.getLogger("factory.meter")
+
+METER_ENV = "FACTORY_METER"
+# vllm_xargs keys the ingress stamps on every request (they reach the engine as extra_args).
+XARG_REQUEST = "factory_request"
+XARG_TENANT = "factory_tenant"
+XARG_PRIORITY = "factory_priority"
+# Finished requests remembered after their final message, so energy of a step still open when
+# they were aborted is still booked to their tenant.
+_RECENT_FINISHED = 4096
+
+
+def _log_through_vllm() -> None:
+    """In the EngineCore process only vLLM's loggers have handlers: let ours use them, so the
+    power-source choice shows in the replica's log."""
+    ours, vllm_logger = logging.getLogger("factory"), logging.getLogger("vllm")
+    if not ours.handlers and vllm_logger.handlers:
+        for h in vllm_logger.handlers:
+            ours.addHandler(h)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+@dataclass(slots=True)
+class _Tracked:
+    key: str  # the factory's request id (vllm_xargs), or the engine's when absent
+    tenant: str
+    prompt_tok: int
+    output_tok: int = 0
+
+
+class EngineMeter:
+    """Power source + sampler + attribution + the channel to the replica, for one engine."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self._lock = threading.Lock()
+        self._busy_done_s = 0.0
+        self._step_open_at: float | None = None
+        kind = cfg.get("source", "auto")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible == "" and kind == "auto":  # no GPU was given to this replica: no board is ours to read
+            kind = "modeled"
+        self.source = select_power_source(
+            kind,
+            idle_w=float(cfg["idle_w"]),
+            max_w=float(cfg["max_w"]),
+            busy_s=self.busy_s,
+            cuda_visible_devices=visible,
+        )
+        # The modeled source's idle power is exact; a measured one's is learnt while idle.
+        idle_w = float(cfg["idle_w"]) if self.source.source == "modeled" else None
+        self._attr = EnergyAttributor(prefill_weight=float(cfg.get("prefill_weight", 0.3)), idle_power_w=idle_w)
+        self._pending: deque[tuple[int, dict[str, StepWork]]] = deque()  # (step key, work)
+        self._tracked: dict[str, _Tracked] = {}
+        self._finished: dict[str, str] = {}  # engine id -> tenant, bounded
+        self._zombies: set[str] = set()
+        self._last_observe_s = 0.0
+        self._attributed_j: dict[str, float] = {}
+        self._tokens: dict[str, list[int]] = {}  # tenant -> [prompt, completion]
+        self._readings: list[PowerReading] = []
+        self._energy_origin_mj: float | None = None
+        self._sock_lock = threading.Lock()
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._sock.connect(cfg["endpoint"])
+        self._observe_locked(time.monotonic(), self.source.energy_mj())
+        self._sampler = PowerSampler(self.source, self._on_readings, interval_s=float(cfg.get("interval_s", 0.1)))
+        self._sampler.start()
+        log.info("engine meter on: source %s, devices %s", self.source.source, ", ".join(self.source.devices))
+
+    @classmethod
+    def from_env(cls) -> EngineMeter | None:
+        raw = os.environ.get(METER_ENV)
+        if not raw:
+            return None
+        _log_through_vllm()
+        return cls(json.loads(raw))
+
+    # -- the engine's busy clock (the modeled source's input) -------------------------------
+    def busy_s(self) -> float:
+        """Cumulative seconds the engine spent in steps, including one in progress."""
+        open_at = self._step_open_at
+        done = self._busy_done_s
+        return done + (time.monotonic() - open_at if open_at is not None else 0.0)
+
+    # -- called by the scheduler (engine thread) ---------------------------------------------
+    def on_schedule(self, step_key: int, num_scheduled_tokens: Mapping[str, int], requests: Mapping[str, Any]) -> None:
+        """A step was scheduled: record each request's prefill/decode tokens in it."""
+        now = time.monotonic()
+        with self._lock:
+            work: dict[str, StepWork] = {}
+            for rid, n in num_scheduled_tokens.items():
+                req = requests[rid]
+                if rid not in self._tracked:
+                    self._track(rid, req)
+                before = req.num_computed_tokens - n  # the scheduler has already advanced it
+                prefill = min(n, max(0, req.num_prompt_tokens - before))
+                work[rid] = StepWork(prefill_tok=prefill, decode_tok=n - prefill)
+            self._pending.append((step_key, work))
+            if len(self._pending) == 1:
+                self._begin_locked(now, work)
+
+    def on_step_done(self, step_key: int, outputs: Iterable[Any]) -> None:
+        """A scheduled step has finished; `outputs` are its EngineCoreOutputs.
+
+        Steps finish in the order they were scheduled; with async scheduling the next one is
+        already queued and starts executing the moment this one ends."""
+        now = time.monotonic()
+        finished: list[tuple[str, str]] = []
+        with self._lock:
+            for eco in outputs:
+                for o in eco.outputs:
+                    t = self._tracked.get(o.request_id)
+                    if t is None:
+                        continue
+                    t.output_tok += len(o.new_token_ids)
+                    self._tokens[t.tenant][1] += len(o.new_token_ids)
+                    if o.finish_reason is not None:
+                        finished.append((o.request_id, "completed"))
+            if any(key == step_key for key, _ in self._pending):
+                while self._pending and self._pending.popleft()[0] != step_key:
+                    pass
+                self._end_locked(now)
+                if self._pending:
+                    self._begin_locked(now, self._pending[0][1])
+            if finished:
+                self._finalize_locked(finished)
+
+    def on_finished_outside(self, request_ids: Iterable[str], status: str) -> None:
+        """Requests finished by the front end (client gone, timeout, stop): they carry what
+        they used up to now."""
+        ids = [(rid, status) for rid in request_ids if rid in self._tracked]
+        if ids:
+            with self._lock:
+                self._finalize_locked(ids)
+
+    def close(self) -> None:
+        self._sampler.stop()
+        self.source.close()
+        with self._sock_lock:
+            self._sock.close()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _track(self, rid: str, req: Any) -> None:
+        xargs = (req.sampling_params.extra_args if req.sampling_params is not None else None) or {}
+        tenant = str(xargs.get(XARG_TENANT, "anonymous"))
+        t = self._tracked[rid] = _Tracked(str(xargs.get(XARG_REQUEST, rid)), tenant, req.num_prompt_tokens)
+        counts = self._tokens.setdefault(tenant, [0, 0])
+        counts[0] += t.prompt_tok
+
+    def _begin_locked(self, t_s: float, work: dict[str, StepWork]) -> None:
+        self._attr.begin_step(t_s, work)
+        self._step_open_at = t_s
+
+    def _end_locked(self, t_s: float) -> None:
+        self._attr.end_step(t_s)
+        if self._step_open_at is not None:
+            self._busy_done_s += t_s - self._step_open_at
+        self._step_open_at = None
+
+    def _observe_locked(self, t_s: float, energy_mj: float) -> None:
+        if self._energy_origin_mj is None:
+            self._energy_origin_mj = energy_mj
+        split = self._attr.observe(t_s, energy_mj / 1000.0)
+        self._last_observe_s = t_s
+        for rid, joules in split.by_request_j.items():
+            t = self._tracked.get(rid)
+            tenant = t.tenant if t is not None else self._finished.get(rid, "unknown")
+            self._attributed_j[tenant] = self._attributed_j.get(tenant, 0.0) + joules
+        for rid in self._zombies:
+            self._attr.finish(rid)
+        self._zombies.clear()
+
+    def _finalize_locked(self, finished: list[tuple[str, str]]) -> None:
+        # One fresh reading closes the energy of every request ending now.
+        t_s = time.monotonic()
+        self._observe_locked(t_s, self.source.energy_mj())
+        open_rids = self._attr_open_rids()
+        for rid, status in finished:
+            t = self._tracked.pop(rid, None)
+            if t is None:
+                continue
+            energy_j, busy_s = self._attr.finish(rid)
+            if rid in open_rids:  # aborted inside a step still running: book its tail later
+                self._zombies.add(rid)
+            self._finished[rid] = t.tenant
+            if len(self._finished) > _RECENT_FINISHED:
+                self._finished.pop(next(iter(self._finished)))
+            self._send(
+                {
+                    "type": "final",
+                    "request": t.key,
+                    "engine_request": rid,
+                    "tenant": t.tenant,
+                    "status": status,
+                    "energy_j": energy_j,
+                    "busy_s": busy_s,
+                    "prompt_tokens": t.prompt_tok,
+                    "completion_tokens": t.output_tok,
+                    "source": self.source.source,
+                }
+            )
+
+    def _attr_open_rids(self) -> set[str]:
+        return set().union(*(w.keys() for _, w in self._pending)) if self._pending else set()
+
+    def _on_readings(self, readings: list[PowerReading]) -> None:
+        """Sampler thread: attribute up to this reading, then publish a snapshot."""
+        with self._lock:
+            t_s = max(r.time_s for r in readings)
+            # A step-end reading may have been taken after this one: energy is cumulative, so
+            # skipping this one loses nothing (the next reading covers it).
+            if t_s > self._last_observe_s:
+                self._observe_locked(t_s, sum(r.energy_mj for r in readings))
+            totals = self._attr.totals
+            snapshot = {
+                "type": "snapshot",
+                "source": self.source.source,
+                "devices": [
+                    {
+                        "device": r.device,
+                        "energy_j": r.energy_mj / 1000.0,
+                        "power_w": r.power_w,
+                        "power_limit_w": r.power_limit_w,
+                        "sm_clock_mhz": r.sm_clock_mhz,
+                        "temperature_c": r.temperature_c,
+                        "utilization_pct": r.utilization_pct,
+                        "mig": r.mig,
+                    }
+                    for r in readings
+                ],
+                "observed_j": totals.observed_j,
+                "idle_j": totals.idle_j,
+                "attributed_j": dict(self._attributed_j),
+                "tokens": {k: list(v) for k, v in self._tokens.items()},
+                "busy_s": self.busy_s(),
+                "running": len(self._tracked),
+            }
+        self._send(snapshot)
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        try:
+            with self._sock_lock:
+                self._sock.send(json.dumps(msg).encode(), zmq.NOBLOCK)
+        except zmq.ZMQError as err:  # replica gone or not keeping up: metering must not stop the engine
+            log.warning("meter message dropped: %s", err)

@@ -1,0 +1,203 @@
+"""The ledger as a Ray Serve deployment: the one writer of the SQLite ledger while serving.
+
+Called once per request to admit it (verify the key, reserve its worst case) and once to settle
+it (charge what it used, release the rest); never once per token. Settlements arriving within
+`commit_interval_ms` share one transaction (group commit), and each caller returns only once its
+row is committed, so a response a client has seen is always in the ledger. Expired reservations
+(their request died with a replica or a killed server) are released at start and every minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from factory.config import CostConfig
+from factory.metering.cost import CostModel, TouPeriod
+from factory.metering.ledger import Ledger, LedgerError, QuotaExceeded, UnknownTenant
+
+log = logging.getLogger("factory.ledger")
+
+RELEASE_EXPIRED_EVERY_S = 60.0
+
+
+def cost_model(cfg: CostConfig) -> CostModel:
+    """The pricing policy for a config's `cost` section."""
+    from zoneinfo import ZoneInfo
+
+    tou = [TouPeriod(*p.as_times(), p.price_per_kwh) for p in cfg.tou]
+    return CostModel(
+        currency=cfg.currency,
+        price_per_kwh=None if tou else cfg.price_per_kwh,
+        tou=tou,
+        pue=cfg.pue,
+        gpu_price_per_hour=cfg.gpu_price_per_hour,
+        tz=ZoneInfo(cfg.timezone),
+    )
+
+
+def jsonable(value: Any) -> Any:
+    """Ledger dataclasses to JSON-ready values: Decimal as string, datetimes ISO-8601."""
+    if dataclasses.is_dataclass(value):
+        out = {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if hasattr(value, "tokens_available"):
+            out["tokens_available"] = value.tokens_available
+        return out
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+# Ledger methods the admin API may call, by name.
+_ADMIN_OPS = {
+    "create_tenant",
+    "list_tenants",
+    "get_tenant",
+    "set_priority",
+    "create_key",
+    "revoke_key",
+    "list_keys",
+    "grant_package",
+    "list_packages",
+    "balance",
+    "usage",
+    "usage_summary",
+}
+
+
+class LedgerService:
+    def __init__(self, path: str, *, reservation_ttl_s: float, commit_interval_ms: float):
+        self._ledger = Ledger(path)
+        self._ttl_s = reservation_ttl_s
+        self._commit_s = commit_interval_ms / 1000.0
+        self._batch: list[tuple[dict[str, Any], asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self._cost_total: dict[tuple[str, str], Decimal] = {}
+        released = self._ledger.release_expired()
+        log.info("ledger %s open; %d expired reservation(s) released", path, released)
+        self._janitor = asyncio.get_event_loop().create_task(self._release_expired_forever())
+
+    async def _release_expired_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RELEASE_EXPIRED_EVERY_S)
+            try:
+                n = await asyncio.to_thread(self._ledger.release_expired)
+                if n:
+                    log.warning("released %d expired reservation(s)", n)
+            except Exception:
+                log.exception("releasing expired reservations failed")
+
+    async def authenticate(self, token: str) -> dict[str, Any] | None:
+        """The key's owner (tenant name or admin), or None for an unknown/revoked/malformed key."""
+        info = await asyncio.to_thread(self._ledger.verify_key, token)
+        if info is None:
+            return None
+        tenant = None
+        if info.tenant is not None:
+            t = await asyncio.to_thread(self._ledger.get_tenant, info.tenant)
+            tenant = {"name": t.name, "priority": t.priority} if t else None
+        return {"key_id": info.key_id, "admin": info.admin, "tenant": tenant}
+
+    async def admit(self, token: str, request_id: str, tokens: int) -> dict[str, Any]:
+        """Verify a tenant key and reserve `tokens` for the request, in one call.
+
+        Returns {"ok": True, "tenant", "priority"} or {"ok": False, "status", "message", "code"}."""
+        who = await self.authenticate(token)
+        if who is None:
+            return {"ok": False, "status": 401, "code": "invalid_api_key", "message": "Incorrect API key provided."}
+        if who["tenant"] is None:
+            return {
+                "ok": False,
+                "status": 403,
+                "code": "admin_key_not_allowed",
+                "message": "The admin key cannot spend tokens; use a tenant's key.",
+            }
+        tenant = who["tenant"]["name"]
+        try:
+            await asyncio.to_thread(self._ledger.reserve, request_id, tenant, tokens, ttl_s=self._ttl_s)
+        except QuotaExceeded as err:
+            return {
+                "ok": False,
+                "status": 429,
+                "code": "insufficient_quota",
+                "message": (
+                    f"You exceeded your current quota: this request may use up to {tokens} tokens "
+                    f"and tenant '{tenant}' has {err.available} left. Buy or be granted a token package."
+                ),
+            }
+        return {"ok": True, "tenant": tenant, "priority": who["tenant"]["priority"]}
+
+    async def settle(self, settlement: dict[str, Any]) -> dict[str, Any]:
+        """Charge a finished request; returns once the usage row is committed."""
+        fut = asyncio.get_running_loop().create_future()
+        self._batch.append((settlement, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_after_window())
+        return await fut
+
+    async def _flush_after_window(self) -> None:
+        await asyncio.sleep(self._commit_s)
+        while self._batch:
+            batch, self._batch = self._batch, []
+            try:
+                records = await asyncio.to_thread(self._ledger.settle_many, [s for s, _ in batch])
+                outcomes = list(zip(batch, records, strict=True))
+            except Exception:
+                # One bad settlement must not fail its neighbours: settle them one by one.
+                log.exception("group commit of %d settlement(s) failed; settling one by one", len(batch))
+                outcomes = [(item, await self._settle_one(item[0])) for item in batch]
+            for (_, fut), rec in outcomes:
+                if isinstance(rec, Exception):
+                    if not fut.done():
+                        fut.set_exception(rec)
+                    continue
+                key = (rec.tenant, rec.currency)
+                self._cost_total[key] = self._cost_total.get(key, Decimal(0)) + rec.cost
+                if not fut.done():
+                    fut.set_result(jsonable(rec))
+
+    async def _settle_one(self, settlement: dict[str, Any]) -> Any:
+        try:
+            return await asyncio.to_thread(self._ledger.settle, **settlement)
+        except Exception as err:
+            log.error("settlement of %s failed: %s", settlement.get("request_id"), err)
+            return LedgerError(f"settlement failed: {err}")
+
+    async def release(self, request_id: str) -> bool:
+        return await asyncio.to_thread(self._ledger.release, request_id)
+
+    async def admin(self, op: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Run one ledger operation for the admin API: {"ok": True, "result"} or an error."""
+        if op not in _ADMIN_OPS:
+            return {"ok": False, "status": 404, "message": f"unknown ledger operation {op!r}"}
+        try:
+            result = await asyncio.to_thread(getattr(self._ledger, op), **kwargs)
+        except UnknownTenant as err:
+            return {"ok": False, "status": 404, "message": str(err), "code": "tenant_not_found"}
+        except (LedgerError, ValueError) as err:
+            return {"ok": False, "status": 400, "message": str(err), "code": "invalid_request"}
+        if op == "create_key":
+            info, token = result
+            return {"ok": True, "result": {**jsonable(info), "key": token}}
+        return {"ok": True, "result": jsonable(result)}
+
+    def families(self) -> list[Metric]:
+        cost = CounterMetricFamily(
+            "factory_cost", "Money charged for energy and device time, by tenant.", labels=["tenant", "currency"]
+        )
+        for (tenant, currency), amount in sorted(self._cost_total.items()):
+            cost.add_metric([tenant, currency], float(amount))
+        return [cost]
