@@ -31,7 +31,9 @@ def test_gpu_replica_compiles_and_sizes_by_memory_share():
     assert c.engine_kwargs["gpu_memory_utilization"] == 0.8
     assert "kv_cache_memory_bytes" not in c.engine_kwargs
     assert c.placement_group_config is None
-    assert c.runtime_env is None
+    # NVML and CUDA must number the boards alike, or the meter reads another replica's GPU.
+    assert c.runtime_env == {"env_vars": {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}}
+    assert c.engine_kwargs["scheduler_cls"] == "factory.engine.scheduler.AsyncMeteringScheduler"
 
 
 def test_explicit_settings_win_over_the_device_defaults():
@@ -56,3 +58,11 @@ def test_device_choice():
     assert not on_gpu(ModelConfig(device="auto"), gpu_available=False)
     assert not on_gpu(ModelConfig(device="cpu"), gpu_available=True)
     assert on_gpu(ModelConfig(device="cuda"), gpu_available=False)
+
+
+def test_cpu_replica_is_metered_with_the_sync_scheduler_and_unmetered_when_disabled():
+    model = ModelConfig(source="org/model")
+    metered = llm_config_for(model, HF, gpu=False, drain_timeout_s=30)
+    assert metered.engine_kwargs["scheduler_cls"] == "factory.engine.scheduler.MeteringScheduler"
+    plain = llm_config_for(model, HF, gpu=False, drain_timeout_s=30, metered=False)
+    assert "scheduler_cls" not in plain.engine_kwargs
