@@ -12,14 +12,21 @@ FLAVOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 EXTRAS_serve := $(FLAVOR)
 EXTRAS_test := $(FLAVOR),test
 
-.PHONY: serve test install clean-venv
+.PHONY: serve test install browser clean-venv
 
 serve: $(VENV)/.stamp-serve-$(FLAVOR)
 	$(VENV)/bin/factory models pull smollm2-135m
 	$(VENV)/bin/factory serve $(CONFIG) $(SERVE_ARGS)
 
-test: $(VENV)/.stamp-test-$(FLAVOR)
+test: $(VENV)/.stamp-test-$(FLAVOR) browser
 	$(PY) -m pytest
+
+# The dashboard tests drive Debian's chromium through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the dashboard tests"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 install: $(VENV)/.stamp-serve-$(FLAVOR)
 

@@ -113,7 +113,7 @@ def main() -> int:
             tag = f"{'on' if metered else 'off'}-{rnd}"
             proc = _start(work, args.port, metered, tag)
             try:
-                asyncio.run(_load(base, MODEL, 4, 8, args.max_tokens))  # warm-up
+                asyncio.run(_load(base, MODEL, args.concurrency, args.concurrency, args.max_tokens))  # warm-up
                 row = asyncio.run(_load(base, MODEL, args.concurrency, args.requests, args.max_tokens))
                 rows.append({"metered": metered, "round": rnd, **row})
                 print(f"{tag:6s} c={args.concurrency} {row['output_tok_s']:7.1f} tok/s", flush=True)

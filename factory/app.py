@@ -82,27 +82,32 @@ def llm_config_for(
     )
 
 
+def _singleton(cls: type, *, resources: dict | None = None, **options):
+    """A one-replica deployment that reserves no CPU and logs no access lines."""
+    actor_options = {"num_cpus": 0, **({"resources": resources} if resources else {})}
+    return serve.deployment(
+        cls,
+        name=cls.__name__,
+        num_replicas=1,
+        ray_actor_options=actor_options,
+        logging_config={"enable_access_log": False},
+        **options,
+    )
+
+
 def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gpu_available: bool) -> Application:
     """The whole factory as one Serve application (one ingress, one hub, N model deployments)."""
     drain_s = cfg.server.drain_timeout_s
-    hub = serve.deployment(
-        StateHub,
-        name="StateHub",
-        num_replicas=1,
-        ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=10_000,
-        logging_config={"enable_access_log": False},  # polled several times a second
-    ).bind({m.served_name: m.replicas for m in cfg.models})
-
-    ledger = serve.deployment(
+    # Polled several times a second: no access log.
+    hub = _singleton(StateHub, max_ongoing_requests=10_000).bind(
+        {m.served_name: m.replicas for m in cfg.models}, {m.served_name: m.max_num_seqs for m in cfg.models}
+    )
+    # One writer per SQLite file, on the head node (where `factory serve` runs and the file is).
+    ledger = _singleton(
         LedgerService,
-        name="LedgerService",
-        # One writer per SQLite file: exactly one replica, wherever the head node keeps the file.
-        num_replicas=1,
-        ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=100_000,
         graceful_shutdown_timeout_s=drain_s,
-        logging_config={"enable_access_log": False},
+        resources={"node:__internal_head__": 0.001},
     ).bind(
         cfg.ledger.path or str(default_ledger_path()),
         reservation_ttl_s=cfg.reservation_ttl_s,
@@ -140,6 +145,7 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         auth_required=cfg.auth == "required",
         tokenizers={m.served_name: resolved[m.served_name].path_or_id for m in cfg.models},
         max_model_len={m.served_name: m.max_model_len for m in cfg.models},
+        currency=cfg.cost.currency,
     )
 
 

@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
+
+from factory.dashboard.state import HISTORY_S, ReplicaHistory, replica_facts
 
 REPORT_INTERVAL_S = 1.0
 # A replica that has not reported for this long is treated as gone (3 missed reports).
@@ -25,20 +28,26 @@ class ReplicaReport:
     model: str
     families: list[Metric] = field(default_factory=list)
     reported_at_s: float = 0.0
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 class StateHub:
     """Replica liveness and engine metrics, keyed by replica id."""
 
-    def __init__(self, expected_replicas: dict[str, int]):
+    def __init__(self, expected_replicas: dict[str, int], max_num_seqs: dict[str, int] | None = None):
         self._expected = dict(expected_replicas)
+        self._max_num_seqs = dict(max_num_seqs or {})
         self._reports: dict[str, ReplicaReport] = {}
         self._draining_since_s: float | None = None
         # ingress replica id -> (requests in flight, when it said so)
         self._ingress: dict[str, tuple[int, float]] = {}
+        self._history: dict[str, ReplicaHistory] = {}
+        self._budgets: dict[str, Any] = {"site_w": None, "replica_w": None, "replicas": {}}
 
     def report(self, replica_id: str, model: str, families: list[Metric]) -> None:
-        self._reports[replica_id] = ReplicaReport(replica_id, model, families, time.monotonic())
+        facts = replica_facts(families)
+        self._reports[replica_id] = ReplicaReport(replica_id, model, families, time.monotonic(), facts)
+        self._history.setdefault(replica_id, ReplicaHistory()).add(time.time(), facts)
 
     def _live(self) -> list[ReplicaReport]:
         now = time.monotonic()
@@ -79,3 +88,76 @@ class StateHub:
     def engine_metrics(self) -> list[tuple[str, list[Metric]]]:
         """(replica id, vLLM metric families) for every live replica."""
         return [(r.replica_id, r.families) for r in self._live()]
+
+    # -- power budgets and the dashboard ---------------------------------------------------------
+
+    def set_budgets(self, site_w: float | None, replica_w: float | None, replicas: dict[str, float]) -> dict:
+        """Power budgets in W (None = none). The governor enforces them; the dashboard shows them."""
+        self._budgets = {"site_w": site_w, "replica_w": replica_w, "replicas": dict(replicas)}
+        return self._budgets
+
+    def budgets(self) -> dict[str, Any]:
+        return self._budgets
+
+    def budget_families(self) -> list[Metric]:
+        g = GaugeMetricFamily("factory_power_budget_watts", "Power budget in force, by scope.", labels=["scope"])
+        if self._budgets["site_w"] is not None:
+            g.add_metric(["site"], self._budgets["site_w"])
+        for replica, watts in self._budgets["replicas"].items():
+            g.add_metric([f"replica:{replica}"], watts)
+        return [g]
+
+    def dashboard(self, with_history: bool) -> dict[str, Any]:
+        """Per-replica rows (live or gone) and, on request, their last 15 minutes."""
+        live = {r.replica_id for r in self._live()}
+        rows = []
+        for r in self._reports.values():
+            tok_s, tok_j = self._history[r.replica_id].rates()
+            budget = self._budgets["replicas"].get(r.replica_id, self._budgets["replica_w"])
+            f = r.facts
+            rows.append(
+                {
+                    "id": r.replica_id,
+                    "model": r.model,
+                    "up": r.replica_id in live,
+                    "source": f["source"],
+                    "power_w": f["power_w"],
+                    "budget_w": budget,
+                    "devices": f["devices"],
+                    "energy_j": f["energy_j"],
+                    "tokens_per_s": tok_s,
+                    "tokens_per_joule": tok_j,
+                    "running": f["running"],
+                    "max_num_seqs": self._max_num_seqs.get(r.model),
+                    "waiting": f["waiting"],
+                    "kv_cache_usage": f["kv_cache_usage"],
+                    "throttle": {"level": 0, "reason": "no governor yet: budgets are shown, not enforced"},
+                }
+            )
+        out: dict[str, Any] = {"replicas": rows, "budgets": self._budgets, "expected": dict(self._expected)}
+        if with_history:
+            out["history"] = self._history_doc()
+        return out
+
+    def _history_doc(self) -> dict[str, Any]:
+        since = time.time() - HISTORY_S
+        per = {rid: h.series(since) for rid, h in self._history.items()}
+        # The site line follows the replica with the longest history; replicas report about once
+        # a second, so their points are matched by the whole second they fall in.
+        base = max(per.values(), key=lambda s: len(s["t"]), default={"t": []})
+        by_second = [
+            {round(t): (p, tok) for t, p, tok in zip(s["t"], s["power_w"], s["tokens_per_s"], strict=True)}
+            for s in per.values()
+        ]
+        site_power, site_tok = [], []
+        for t in base["t"]:
+            points = [m[round(t)] for m in by_second if round(t) in m]
+            site_power.append(sum(p for p, _ in points))
+            site_tok.append(sum(tok for _, tok in points))
+        return {
+            "t": base["t"],
+            "site_power_w": site_power,
+            "site_tokens_per_s": site_tok,
+            "site_tokens_per_joule": [tok / p if p else 0.0 for tok, p in zip(site_tok, site_power, strict=True)],
+            "replicas": per,
+        }

@@ -32,6 +32,7 @@ from factory.api.admin import ADMIN_ENDPOINTS, AdminRoutes, bearer_token, missin
 from factory.api.errors import APIError, install_handlers, not_ready
 from factory.api.metrics import RequestMetricsMiddleware, factory_metrics
 from factory.api.tokens import PromptCounter
+from factory.dashboard.routes import DASHBOARD_ENDPOINTS, DashboardRoutes
 from factory.engine.meter import XARG_PRIORITY, XARG_REQUEST, XARG_TENANT
 from factory.engine.server import XARG_CLIENT_USAGE
 
@@ -44,7 +45,7 @@ REQUEST_ID_HEADER = "x-factory-request-id"
 RETRY_AFTER_S = 5
 
 
-class FactoryIngress(AdminRoutes, OpenAiIngress):
+class FactoryIngress(DashboardRoutes, AdminRoutes, OpenAiIngress):
     """OpenAI routes for every configured model, gated on replica readiness and on quota."""
 
     async def __init__(
@@ -58,12 +59,14 @@ class FactoryIngress(AdminRoutes, OpenAiIngress):
         auth_required: bool,
         tokenizers: dict[str, str],
         max_model_len: dict[str, int],
+        currency: str = "CNY",
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self._hub = hub
         self._ledger = ledger
         self._auth_required = auth_required
         self._counter = PromptCounter(tokenizers, max_model_len)
+        self._currency = currency
         self._id = serve.get_replica_context().replica_id.unique_id
         self._readiness: dict[str, Any] = {"ready": False, "draining": False, "models": {}}
         # Readiness is refreshed off the request path, so a request never waits on the hub.
@@ -113,6 +116,7 @@ class FactoryIngress(AdminRoutes, OpenAiIngress):
             families = []
         try:
             ledger_families = await self._ledger.families.remote()
+            ledger_families += await self._hub.budget_families.remote()
         except Exception as err:
             log.warning("ledger metrics unavailable: %s", err)
             ledger_families = []
@@ -204,6 +208,7 @@ ENDPOINTS = {
     "ready": lambda app: app.get("/ready"),
     "metrics": lambda app: app.get("/metrics"),
     **ADMIN_ENDPOINTS,
+    **DASHBOARD_ENDPOINTS,
 }
 
 

@@ -118,6 +118,10 @@ class RequestMetricsMiddleware:
                 metrics.latency.labels(path).observe(time.perf_counter() - started)
             await send(message)
 
+        if path == "other" and scope.get("path", "").startswith("/dashboard/api/stream"):
+            # A dashboard's live stream never ends by itself: not a request a drain waits for.
+            await self.app(scope, receive, send_wrapper)
+            return
         # In flight until the last byte of a stream is sent: what a drain must wait for.
         metrics.in_flight_now += 1
         try:

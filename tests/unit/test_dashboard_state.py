@@ -1,0 +1,95 @@
+"""The dashboard's state document from replica metric families: figures, rates, alarms."""
+
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from factory.dashboard.state import ReplicaHistory, alarms, replica_facts, site_state
+from factory.hub import StateHub
+
+
+def _families(power_w: float, energy_j: float, completion: int, source: str = "modeled", running: int = 3):
+    power = GaugeMetricFamily("factory_power_watts", "", labels=["device", "source"])
+    power.add_metric(["cpu0", source], power_w)
+    energy = CounterMetricFamily("factory_energy_joules", "", labels=["device", "source"])
+    energy.add_metric(["cpu0", source], energy_j)
+    tokens = CounterMetricFamily("factory_tokens", "", labels=["tenant", "kind"])
+    tokens.add_metric(["acme", "prompt"], 999)
+    tokens.add_metric(["acme", "completion"], completion)
+    run = GaugeMetricFamily("vllm:num_requests_running", "", labels=["engine"])
+    run.add_metric(["0"], running)
+    kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "", labels=["engine"])
+    kv.add_metric(["0"], 0.25)
+    return [power, energy, tokens, run, kv]
+
+
+def test_replica_facts_read_power_energy_tokens_batch_and_kv():
+    f = replica_facts(_families(80.0, 1000.0, 500))
+    assert (f["source"], f["power_w"], f["energy_j"], f["completion_tok"]) == ("modeled", 80.0, 1000.0, 500)
+    assert (f["running"], f["waiting"], f["kv_cache_usage"]) == (3, 0, 0.25)
+    assert replica_facts([])["source"] == "none"
+
+
+def test_history_rates_over_the_last_ten_seconds():
+    h = ReplicaHistory()
+    for i in range(20):  # 50 tokens/s, 100 W: 0.5 tokens per joule
+        h.add(1000.0 + i, {"power_w": 100.0, "energy_j": 100.0 * i, "completion_tok": 50 * i})
+    tok_s, tok_j = h.rates()
+    assert tok_s == 50.0 and tok_j == 0.5
+    series = h.series(since_s=1015.0)
+    assert series["t"] == [1015.0, 1016.0, 1017.0, 1018.0, 1019.0]
+    assert series["tokens_per_s"][1:] == [50.0] * 4
+
+
+def _row(rid, model="m", up=True, power=100.0, budget=None, source="nvml", tok_s=50.0, tok_j=0.5):
+    return {"id": rid, "model": model, "up": up, "power_w": power, "budget_w": budget, "source": source,
+            "energy_j": 10.0, "tokens_per_s": tok_s, "tokens_per_joule": tok_j}  # fmt: skip
+
+
+def test_site_sums_replicas_and_prices_a_million_tokens():
+    tenants = [
+        {"tenant": "a", "completion_tokens": 2_000_000, "cost": "3.000000000000"},
+        {"tenant": "b", "completion_tokens": 1_000_000, "cost": "1.5"},
+    ]
+    doc = site_state(
+        1.0, [_row("r1"), _row("r2", power=300.0, tok_j=0.25)], budgets={"site_w": 500.0},
+        expected={"m": 2}, tenants=tenants, currency="CNY",
+    )  # fmt: skip
+    site = doc["site"]
+    assert site["power_w"] == 400.0 and site["budget_w"] == 500.0 and site["source"] == "nvml"
+    assert site["tokens_per_s"] == 100.0
+    assert site["tokens_per_joule"] == 100.0 / (100.0 + 200.0)  # tokens over the energy they took
+    assert site["cost_per_mtok"] == "1.500000"
+    assert doc["alarms"] == []
+
+
+def test_alarms_over_budget_modeled_missing_and_down():
+    site = {"power_w": 600.0, "budget_w": 500.0}
+    rows = [
+        _row("hot", power=200.0, budget=150.0),
+        _row("est", source="modeled"),
+        _row("off", source="none"),
+        _row("gone", up=False),
+    ]
+    kinds = [(a["severity"], a["kind"]) for a in alarms(site, rows, {"m": 4})]
+    assert kinds == [
+        ("critical", "over_budget"),
+        ("critical", "over_budget"),
+        ("warning", "telemetry_modeled"),
+        ("warning", "telemetry_missing"),
+        ("critical", "replica_down"),
+    ]
+
+
+def test_hub_keeps_history_and_budgets_for_the_dashboard():
+    hub = StateHub({"m": 1})
+    hub.report("r1", "m", _families(90.0, 10.0, 5))
+    hub.report("r1", "m", _families(95.0, 20.0, 25))
+    hub.set_budgets(300.0, None, {"r1": 120.0})
+    doc = hub.dashboard(with_history=True)
+    (row,) = doc["replicas"]
+    assert (row["id"], row["up"], row["power_w"], row["budget_w"]) == ("r1", True, 95.0, 120.0)
+    assert doc["history"]["replicas"]["r1"]["power_w"] == [90.0, 95.0]
+    assert len(doc["history"]["site_power_w"]) == 2
+    (budget,) = hub.budget_families()
+    assert {s.labels["scope"]: s.value for s in budget.samples} == {"site": 300.0, "replica:r1": 120.0}
