@@ -6,7 +6,10 @@
    the 100 ms sampler, attribution, energy in every usage) vs off (vLLM's own scheduler, no
    energy), same streamed load at fixed concurrency, rounds alternating off/on to spread drift.
    Settlement in the ledger happens in both, so the ratio isolates sampling and attribution.
-2. Conservation over a long run: under load, /metrics is scraped every second; for every window
+2. The engine meter's own cost per engine step (16 requests in the batch, modeled source),
+   measured in-process: what metering adds to each step, the figure that stays meaningful when
+   end-to-end throughput varies by more than it from run to run on a small machine.
+3. Conservation over a long run: under load, /metrics is scraped every second; for every window
    of >= 5 s, |(attributed + idle) - measured| / measured; the worst and the whole-run figure.
 Energy here is MODELED (no power sensor on a CPU machine); on a GPU it is NVML's counter.
 """
@@ -94,6 +97,41 @@ def _conservation(base: str, seconds: float, concurrency: int, max_tokens: int) 
     }
 
 
+def _engine_meter_step_us(batch: int = 16, steps: int = 3000) -> float:
+    """Microseconds the engine meter adds to one engine step (schedule + step done)."""
+    from types import SimpleNamespace
+
+    import zmq
+
+    from factory.engine.meter import XARG_REQUEST, XARG_TENANT, EngineMeter
+
+    endpoint = f"ipc://{tempfile.gettempdir()}/factory-bench-meter-{os.getpid()}"
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(endpoint)
+    meter = EngineMeter({"endpoint": endpoint, "source": "modeled", "idle_w": 40, "max_w": 120})
+    reqs = {
+        f"r{i}": SimpleNamespace(
+            request_id=f"r{i}",
+            sampling_params=SimpleNamespace(extra_args={XARG_REQUEST: f"k{i}", XARG_TENANT: "t"}),
+            num_prompt_tokens=30,
+            num_computed_tokens=0,
+        )
+        for i in range(batch)
+    }
+    t0 = time.perf_counter()
+    for step in range(steps):
+        scheduled = {rid: (30 if r.num_computed_tokens == 0 else 1) for rid, r in reqs.items()}
+        for rid, n in scheduled.items():
+            reqs[rid].num_computed_tokens += n
+        meter.on_schedule(step, scheduled, reqs)
+        outputs = [SimpleNamespace(request_id=rid, new_token_ids=[1], finish_reason=None) for rid in scheduled]
+        meter.on_step_done(step, [SimpleNamespace(outputs=outputs)])
+    per_step_us = (time.perf_counter() - t0) / steps * 1e6
+    meter.close()
+    pull.close(linger=0)
+    return per_step_us
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -107,6 +145,8 @@ def main() -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="metering-"))
     base = f"http://127.0.0.1:{args.port}"
+    step_us = _engine_meter_step_us(args.concurrency)
+    print(f"engine meter: {step_us:.0f} us per engine step with {args.concurrency} requests (in-process)", flush=True)
     rows, conservation = [], None
     for rnd in range(args.rounds):
         for metered in (False, True):
@@ -122,13 +162,17 @@ def main() -> int:
                     print("conservation:", json.dumps(conservation), flush=True)
             finally:
                 _stop(proc)
-    on = sum(r["output_tok_s"] for r in rows if r["metered"]) / args.rounds
-    off = sum(r["output_tok_s"] for r in rows if not r["metered"]) / args.rounds
+    on_runs = [r["output_tok_s"] for r in rows if r["metered"]]
+    off_runs = [r["output_tok_s"] for r in rows if not r["metered"]]
+    on, off = sum(on_runs) / len(on_runs), sum(off_runs) / len(off_runs)
+    print(f"runs on: {', '.join(f'{x:.1f}' for x in on_runs)}; off: {', '.join(f'{x:.1f}' for x in off_runs)} tok/s")
     print(
-        f"\nmetering on / off at c={args.concurrency}: {on:.1f} / {off:.1f} tok/s = {on / off:.3f}x (CPU, modeled energy)"
+        f"\nmetering on / off at c={args.concurrency}: {on:.1f} / {off:.1f} tok/s = {on / off:.3f}x"
+        " (CPU, modeled energy)"
     )
     if args.out:
-        Path(args.out).write_text(json.dumps({"rows": rows, "ratio": on / off, "conservation": conservation}, indent=2))
+        result = {"rows": rows, "ratio": on / off, "engine_meter_step_us": step_us, "conservation": conservation}
+        Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
 

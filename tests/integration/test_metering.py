@@ -301,5 +301,6 @@ def test_admin_api_round_trip(admin):
     assert keys and all("hash" not in k and "salt" not in k for k in keys)
     csv_text = admin.get("/admin/usage", params={"format": "csv", "tenant": TENANT}).text
     assert csv_text.splitlines()[0].startswith("request_id,")
+    assert admin.get("/admin/usage", params={"since": "2000-01-01"}).status_code == 200  # a bare date is UTC
     summary = admin.get("/admin/usage", params={"summary": "true"}).json()["data"]
     assert any(s["tenant"] == TENANT and s["requests"] > 0 for s in summary)

@@ -25,7 +25,10 @@ def smollm_factory(tmp_path_factory):
     assert pulled.returncode == 0, pulled.stderr
     work = tmp_path_factory.mktemp("smollm-factory")
     port = free_port()
-    config = write_config(work / "factory.yaml", port=port, models=[{"source": MODEL}])
+    # The embedded default (auth disabled on loopback), with a ledger of its own.
+    config = write_config(
+        work / "factory.yaml", port=port, models=[{"source": MODEL}], ledger={"path": str(work / "ledger.db")}
+    )
     factory = FactoryProcess(config, work / "serve.log", port)
     try:
         factory.wait_ready()
@@ -43,6 +46,10 @@ def test_smollm_knows_the_capital_of_france(smollm_factory):
         temperature=0,
     )
     assert "Paris" in r.choices[0].message.content
+    # Without auth the request is booked to 'anonymous', with its energy, and shows in /v1/usage.
+    assert r.usage.energy_joules > 0
+    rows = httpx.get(smollm_factory.base_url + "/v1/usage", params={"since": "2000-01-01"}).json()["data"]
+    assert [(row["tenant"], row["completion_tokens"]) for row in rows] == [("anonymous", r.usage.completion_tokens)]
 
 
 def test_sigterm_drains_in_flight_stream_and_leaves_no_process(smollm_factory):
