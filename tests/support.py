@@ -7,7 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -15,6 +18,26 @@ import psutil
 import yaml
 
 FACTORY_BIN = Path(sys.executable).with_name("factory")
+
+
+@contextmanager
+def background_load(send: Callable[[int], None], workers: int) -> Iterator[None]:
+    """Call send(worker index) in a loop on `workers` threads for as long as the block runs."""
+    stop = threading.Event()
+
+    def loop(i: int) -> None:
+        while not stop.is_set():
+            send(i)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def free_port() -> int:

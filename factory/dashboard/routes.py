@@ -24,7 +24,8 @@ from factory.dashboard.state import site_state
 
 STATIC = Path(__file__).resolve().parent / "static"
 _STATIC_FILES = {p.name for p in STATIC.iterdir()} if STATIC.is_dir() else set()
-STREAM_INTERVAL_S = 1.0
+# Twice a second: a change (a new budget, a replica down) shows within a second, delivery included.
+STREAM_INTERVAL_S = 0.5
 TENANTS_REFRESH_S = 2.0
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import time
 from decimal import Decimal
 
@@ -16,6 +15,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import TENANT, TINY_MODEL, bearer
+from tests.support import background_load
 
 pytestmark = pytest.mark.stack
 
@@ -112,18 +112,13 @@ def test_metrics_carry_power_energy_tokens_and_cost_with_their_labels(client, ba
 def test_attributed_plus_idle_equals_measured_over_every_5s_window(base_url, keys):
     """Conservation on the real engine: load for ~12 s with gaps, scrapes every 0.5 s."""
     client = OpenAI(base_url=base_url + "/v1", api_key=keys.tenant, max_retries=0, timeout=60)
-    stop = threading.Event()
 
-    def load(seed: int) -> None:
-        while not stop.is_set():
-            client.completions.create(model=TINY_MODEL, prompt=f"load {seed}", max_tokens=8 + seed * 4)
-            time.sleep(0.3 * seed)  # leaves idle gaps in the timeline
+    def send(seed: int) -> None:
+        client.completions.create(model=TINY_MODEL, prompt=f"load {seed}", max_tokens=8 + seed * 4)
+        time.sleep(0.3 * seed)  # leaves idle gaps in the timeline
 
-    workers = [threading.Thread(target=load, args=(i,)) for i in range(3)]
-    for w in workers:
-        w.start()
     scrapes = []
-    try:
+    with background_load(send, workers=3):
         for _ in range(26):
             s = _scrape(base_url)
             scrapes.append(
@@ -135,10 +130,6 @@ def test_attributed_plus_idle_equals_measured_over_every_5s_window(base_url, key
                 )
             )
             time.sleep(0.5)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join()
     windows = 0
     for i, (t0, e0, a0, i0) in enumerate(scrapes):
         for t1, e1, a1, i1 in scrapes[i + 1 :]:
@@ -156,16 +147,11 @@ def test_aborted_stream_is_charged_for_what_it_used(api, client):
     the tokens and energy it used up to then. Background load keeps the engine busy so the
     request cannot finish before the disconnect reaches it (chunk delivery through Ray can lag
     generation by a second or two on this machine)."""
-    stop = threading.Event()
 
-    def load() -> None:
-        while not stop.is_set():
-            client.completions.create(model=TINY_MODEL, prompt="busy", max_tokens=200, extra_body={"ignore_eos": True})
+    def send(_: int) -> None:
+        client.completions.create(model=TINY_MODEL, prompt="busy", max_tokens=200, extra_body={"ignore_eos": True})
 
-    workers = [threading.Thread(target=load) for _ in range(8)]
-    for w in workers:
-        w.start()
-    try:
+    with background_load(send, workers=8):
         time.sleep(1)
         body = {"model": TINY_MODEL, "prompt": "a long story", "max_tokens": 480, "stream": True, "ignore_eos": True}
         with api.stream("POST", "/v1/completions", json=body) as r:
@@ -175,10 +161,6 @@ def test_aborted_stream_is_charged_for_what_it_used(api, client):
                 seen += line.startswith("data: {")
                 if seen >= 3:
                     break  # the client goes away mid-stream
-    finally:
-        stop.set()
-        for w in workers:
-            w.join()
     row = _my_usage(api, request_id, timeout_s=20)
     assert row["status"] == "aborted", (row["completion_tokens"], row["started_at"], row["finished_at"])
     assert 3 <= row["completion_tokens"] < 480
