@@ -7,8 +7,9 @@ rest (or `release` hands back everything if it never ran). Every write is one
 write lock and no interleaving can overspend a package; the packages table's CHECK makes
 SQLite refuse an overspend even if this code had a bug.
 
-SQLite-specific code lives in `_connect`, `_transaction` and `_migrate`; the rest is plain
-SQL (with `?` placeholders) that a PostgreSQL backend could reuse.
+SQLite-specific code lives in `_connect`, `_transaction` and `_migrate`; the rest, here and in
+`settlement.py` (which spends packages), is plain SQL with `?` placeholders that a PostgreSQL
+backend could reuse.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from factory.metering import keys
+from factory.metering import keys, settlement
 from factory.metering.schema import (
     DDL,
     PACKAGE_SQL,
     PRIORITY_CLASSES,
     SCHEMA_VERSION,
     SPEND_ORDER,
-    STATUSES,
     TENANT_SQL,
     USAGE_SQL,
     KeyInfo,
@@ -139,7 +139,7 @@ class Ledger:
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
                 raise LedgerError(f"tenant {name!r} already exists")
-            return _insert_tenant(db, name, priority)
+            return settlement.insert_tenant(db, name, priority)
 
     def get_tenant(self, name: str) -> Tenant | None:
         with self._transaction(write=False) as db:
@@ -152,7 +152,7 @@ class Ledger:
             return tenant
         with self._transaction() as db:
             row = db.execute(TENANT_SQL + " WHERE name = ?", (name,)).fetchone()
-            return tenant_from(row) if row else _insert_tenant(db, name, priority)
+            return tenant_from(row) if row else settlement.insert_tenant(db, name, priority)
 
     def list_tenants(self) -> list[Tenant]:
         with self._transaction(write=False) as db:
@@ -161,7 +161,7 @@ class Ledger:
     def set_priority(self, name: str, priority: str) -> Tenant:
         check_priority(priority)
         with self._transaction() as db:
-            _tenant_id(db, name)
+            settlement.tenant_id(db, name)
             db.execute("UPDATE tenants SET priority = ? WHERE name = ?", (priority, name))
             return tenant_from(db.execute(TENANT_SQL + " WHERE name = ?", (name,)).fetchone())
 
@@ -170,7 +170,7 @@ class Ledger:
         if admin != (tenant is None):
             raise LedgerError("admin keys belong to no tenant" if admin else "a key needs a tenant (or admin=True)")
         with self._transaction() as db:
-            return keys.insert(db, None if admin else _tenant_id(db, tenant), label)
+            return keys.insert(db, None if admin else settlement.tenant_id(db, tenant), label)
 
     def verify_key(self, token: str) -> KeyInfo | None:
         with self._transaction(write=False) as db:
@@ -182,7 +182,7 @@ class Ledger:
 
     def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
         with self._transaction(write=False) as db:
-            return keys.select(db, None if tenant is None else _tenant_id(db, tenant))
+            return keys.select(db, None if tenant is None else settlement.tenant_id(db, tenant))
 
     # -- packages ---------------------------------------------------------------------------
 
@@ -205,14 +205,16 @@ class Ledger:
             (package_id,) = db.execute(
                 "INSERT INTO packages (tenant_id, tokens_total, tokens_used, tokens_reserved, price, currency,"
                 " expires_at, created_at) VALUES (?, ?, 0, 0, ?, ?, ?, ?) RETURNING id",
-                (_tenant_id(db, tenant), tokens, price_text, currency, when_text(expires_at), now),
+                (settlement.tenant_id(db, tenant), tokens, price_text, currency, when_text(expires_at), now),
             ).fetchone()
             return package_from(db.execute(PACKAGE_SQL + " WHERE p.id = ?", (package_id,)).fetchone())
 
     def list_packages(self, tenant: str) -> list[Package]:
         """All of the tenant's packages, expired ones included, in spending order."""
         with self._transaction(write=False) as db:
-            rows = db.execute(PACKAGE_SQL + " WHERE p.tenant_id = ? " + SPEND_ORDER, (_tenant_id(db, tenant),))
+            rows = db.execute(
+                PACKAGE_SQL + " WHERE p.tenant_id = ? " + SPEND_ORDER, (settlement.tenant_id(db, tenant),)
+            )
             return [package_from(r) for r in rows]
 
     def balance(self, tenant: str, now: datetime | None = None) -> dict:
@@ -220,8 +222,8 @@ class Ledger:
         with self._transaction(write=False) as db:
             total, used, reserved = db.execute(
                 "SELECT COALESCE(SUM(tokens_total), 0), COALESCE(SUM(tokens_used), 0),"
-                " COALESCE(SUM(tokens_reserved), 0) FROM packages p WHERE p.tenant_id = ? AND " + _LIVE,
-                (_tenant_id(db, tenant), when_text(now or utcnow())),
+                " COALESCE(SUM(tokens_reserved), 0) FROM packages p WHERE p.tenant_id = ? AND " + settlement.LIVE,
+                (settlement.tenant_id(db, tenant), when_text(now or utcnow())),
             ).fetchone()
         return {"total": total, "used": used, "reserved": reserved, "available": total - used - reserved}
 
@@ -239,11 +241,11 @@ class Ledger:
         now = now or utcnow()
         expires_at = now + timedelta(seconds=ttl_s)
         with self._transaction() as db:
-            tenant_id = _tenant_id(db, tenant)
+            tenant_id = settlement.tenant_id(db, tenant)
             for table in ("reservations", "usage"):
                 if db.execute(f"SELECT 1 FROM {table} WHERE request_id = ?", (request_id,)).fetchone():
                     raise LedgerError(f"request {request_id!r} is already reserved or settled")
-            spendable = _spendable(db, tenant_id, now)
+            spendable = settlement.spendable(db, tenant_id, now)
             available = sum(n for _, n in spendable)
             if available < tokens:
                 raise QuotaExceeded(available=available, requested=tokens, tenant=tenant)
@@ -252,7 +254,7 @@ class Ledger:
                 " VALUES (?, ?, ?, ?, ?)",
                 (request_id, tenant_id, tokens, when_text(expires_at), when_text(now)),
             )
-            for seq, (package_id, part) in enumerate(_split(spendable, tokens)):
+            for seq, (package_id, part) in enumerate(settlement.split(spendable, tokens)):
                 db.execute("UPDATE packages SET tokens_reserved = tokens_reserved + ? WHERE id = ?", (part, package_id))
                 db.execute(
                     "INSERT INTO reservation_parts (request_id, seq, package_id, tokens) VALUES (?, ?, ?, ?)",
@@ -261,26 +263,26 @@ class Ledger:
         return Reservation(request_id, tenant, tokens, expires_at)
 
     def settle(self, request_id: str, **fields) -> UsageRecord:
-        """Record what `request_id` used and charge it; the fields are `_settle`'s."""
+        """Record what `request_id` used and charge it; the fields are `settlement.settle`'s."""
         with self._transaction() as db:
-            return _settle(db, request_id, **fields)
+            return settlement.settle(db, request_id, **fields)
 
     def settle_many(self, settlements: list[dict]) -> list[UsageRecord]:
         """Settle a batch in one transaction (one commit for all): all or nothing."""
         with self._transaction() as db:
-            return [_settle(db, **fields) for fields in settlements]
+            return [settlement.settle(db, **fields) for fields in settlements]
 
     def release(self, request_id: str) -> bool:
         """Hand back a reservation that will never be settled; False if there is none."""
         with self._transaction() as db:
-            return _release(db, request_id)
+            return settlement.release(db, request_id)
 
     def release_expired(self, now: datetime | None = None) -> int:
         with self._transaction() as db:
             expired = db.execute(
                 "SELECT request_id FROM reservations WHERE expires_at <= ?", (when_text(now or utcnow()),)
             ).fetchall()
-            return sum(_release(db, request_id) for (request_id,) in expired)
+            return sum(settlement.release(db, request_id) for (request_id,) in expired)
 
     # -- usage ------------------------------------------------------------------------------
 
@@ -324,110 +326,6 @@ class Ledger:
 
 # -- inside a transaction -----------------------------------------------------------------
 
-_LIVE = "(p.expires_at IS NULL OR p.expires_at > ?)"  # the package has not expired at the bound time
-
-
-def _settle(
-    db,
-    request_id: str,
-    *,
-    tenant: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    energy_j: float,
-    energy_source: str,
-    cost: Decimal,
-    currency: str,
-    model: str,
-    replica: str = "",
-    status: str = "completed",
-    started_at: datetime | None = None,
-    finished_at: datetime | None = None,
-) -> UsageRecord:
-    if existing := db.execute(USAGE_SQL + " WHERE u.request_id = ?", (request_id,)).fetchone():
-        return usage_from(existing)  # a retried settlement must not charge twice
-    check_count(prompt_tokens, "prompt_tokens")
-    check_count(completion_tokens, "completion_tokens")
-    check_real(energy_j, "energy_j")
-    check_currency(currency)
-    if status not in STATUSES:
-        raise LedgerError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-    cost_text = money_text(cost, "cost")
-    finished_at = finished_at or utcnow()
-    overage_tok = 0
-    held = db.execute(
-        "SELECT r.tenant_id, t.name FROM reservations r JOIN tenants t ON t.id = r.tenant_id WHERE r.request_id = ?",
-        (request_id,),
-    ).fetchone()
-    if held is None:  # never reserved (auth disabled): nothing to charge, only to record
-        known = db.execute("SELECT id FROM tenants WHERE name = ?", (tenant,)).fetchone()
-        tenant_id = known[0] if known else _insert_tenant(db, tenant, "standard").id
-    else:
-        tenant_id, holder = held
-        if holder != tenant:
-            raise LedgerError(f"request {request_id!r} was reserved for {holder!r}, not {tenant!r}")
-        left = prompt_tokens + completion_tokens
-        parts = db.execute(
-            "SELECT package_id, tokens FROM reservation_parts WHERE request_id = ? ORDER BY seq", (request_id,)
-        ).fetchall()
-        for package_id, part in parts:
-            charge = min(left, part)
-            db.execute(
-                "UPDATE packages SET tokens_reserved = tokens_reserved - ?, tokens_used = tokens_used + ? WHERE id = ?",
-                (part, charge, package_id),
-            )
-            left -= charge
-        _drop_reservation(db, request_id)
-        # Used more than reserved: take the excess from whatever is still available (the
-        # reservation's own packages included) and record what no package could cover.
-        for package_id, part in _split(_spendable(db, tenant_id, finished_at), left):
-            db.execute("UPDATE packages SET tokens_used = tokens_used + ? WHERE id = ?", (part, package_id))
-            left -= part
-        overage_tok = left
-    db.execute(
-        "INSERT INTO usage (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens, overage_tokens,"
-        " energy_j, energy_source, cost, currency, status, started_at, finished_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens, overage_tok, float(energy_j),
-         energy_source, cost_text, currency, status, when_text(started_at), when_text(finished_at)),
-    )  # fmt: skip
-    return usage_from(db.execute(USAGE_SQL + " WHERE u.request_id = ?", (request_id,)).fetchone())
-
-
-def _release(db, request_id: str) -> bool:
-    if not db.execute("SELECT 1 FROM reservations WHERE request_id = ?", (request_id,)).fetchone():
-        return False
-    parts = db.execute("SELECT package_id, tokens FROM reservation_parts WHERE request_id = ?", (request_id,))
-    for package_id, part in parts.fetchall():
-        db.execute("UPDATE packages SET tokens_reserved = tokens_reserved - ? WHERE id = ?", (part, package_id))
-    _drop_reservation(db, request_id)
-    return True
-
-
-def _drop_reservation(db, request_id: str) -> None:
-    db.execute("DELETE FROM reservation_parts WHERE request_id = ?", (request_id,))
-    db.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
-
-
-def _spendable(db, tenant_id: int, now: datetime) -> list[tuple[int, int]]:
-    """(package_id, available tokens) of the tenant's live packages, in spending order."""
-    free = "p.tokens_total - p.tokens_used - p.tokens_reserved"
-    return db.execute(
-        f"SELECT p.id, {free} FROM packages p WHERE p.tenant_id = ? AND {_LIVE} AND {free} > 0 {SPEND_ORDER}",
-        (tenant_id, when_text(now)),
-    ).fetchall()
-
-
-def _split(spendable: list[tuple[int, int]], tokens: int) -> list[tuple[int, int]]:
-    """(package_id, tokens) parts of `tokens` taken greedily in order; short if they run out."""
-    parts = []
-    for package_id, available in spendable:
-        if tokens <= 0:
-            break
-        parts.append((package_id, min(available, tokens)))
-        tokens -= parts[-1][1]
-    return parts
-
 
 def _usage_filter(db, tenant: str | None, since: datetime | None, until: datetime | None) -> tuple[str, list]:
     clauses, params = [], []
@@ -437,21 +335,5 @@ def _usage_filter(db, tenant: str | None, since: datetime | None, until: datetim
             params.append(when_text(value))
     if tenant is not None:
         clauses.append("u.tenant_id = ?")
-        params.append(_tenant_id(db, tenant))
+        params.append(settlement.tenant_id(db, tenant))
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
-
-
-def _tenant_id(db, name: str) -> int:
-    row = db.execute("SELECT id FROM tenants WHERE name = ?", (name,)).fetchone()
-    if row is None:
-        raise UnknownTenant(name)
-    return row[0]
-
-
-def _insert_tenant(db, name: str, priority: str) -> Tenant:
-    check_name(name)
-    row = db.execute(
-        "INSERT INTO tenants (name, priority, created_at) VALUES (?, ?, ?) RETURNING id, name, priority, created_at",
-        (name, priority, when_text(utcnow())),
-    ).fetchone()
-    return tenant_from(row)
