@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from factory.calibrate import add_command as add_calibrate_command
 from factory.config import ConfigError, load_config, with_overrides
 from factory.metering.cli import add_commands as add_metering_commands
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(func=_models_pull)
     m.add_parser("list", help="embedded models and whether they are pulled").set_defaults(func=_models_list)
     add_metering_commands(sub)
+    add_calibrate_command(sub)
     return p
 
 
