@@ -91,8 +91,6 @@ class EngineMeter:
         self._last_observe_s = 0.0
         self._attributed_j: dict[str, float] = {}
         self._tokens: dict[str, list[int]] = {}  # tenant -> [prompt, completion]
-        self._readings: list[PowerReading] = []
-        self._energy_origin_mj: float | None = None
         self._sock_lock = threading.Lock()
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUSH)
@@ -195,8 +193,6 @@ class EngineMeter:
         self._step_open_at = None
 
     def _observe_locked(self, t_s: float, energy_mj: float) -> None:
-        if self._energy_origin_mj is None:
-            self._energy_origin_mj = energy_mj
         split = self._attr.observe(t_s, energy_mj / 1000.0)
         self._last_observe_s = t_s
         for rid, joules in split.by_request_j.items():

@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -121,27 +122,10 @@ class FactoryLLMServer(LLMServer):
         self, key: str, parts: int, tenant: str, usage: dict[str, Any], started: datetime
     ) -> dict[str, Any]:
         rec = await self._final(key, parts)
-        energy_j = rec["energy_j"] if rec else 0.0
         source = rec["source"] if rec else ("missing" if self._meter else "off")
-        finished = datetime.now(UTC)
-        cost = self._cost.cost(energy_j=energy_j, busy_s=rec["busy_s"] if rec else 0.0, at=finished)
-        await self._ledger.settle.remote(
-            {
-                "request_id": key,
-                "tenant": tenant,
-                "prompt_tokens": usage.get("prompt_tokens") or 0,
-                "completion_tokens": usage.get("completion_tokens") or 0,
-                "energy_j": energy_j,
-                "energy_source": source,
-                "cost": cost,
-                "currency": self._cost.currency,
-                "model": self._model,
-                "replica": self._replica_id,
-                "status": "completed",
-                "started_at": started,
-                "finished_at": finished,
-            }
-        )
+        energy_j, busy_s = (rec["energy_j"], rec["busy_s"]) if rec else (0.0, 0.0)
+        tokens = (usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+        cost = await self._charge(key, tenant, started, tokens, energy_j, busy_s, source, "completed")
         return {
             **usage,
             "energy_joules": round(energy_j, 6),
@@ -157,26 +141,44 @@ class FactoryLLMServer(LLMServer):
             if rec is None:
                 await self._ledger.release.remote(key)
                 return
-            finished = datetime.now(UTC)
-            await self._ledger.settle.remote(
-                {
-                    "request_id": key,
-                    "tenant": tenant,
-                    "prompt_tokens": rec["prompt_tokens"],
-                    "completion_tokens": rec["completion_tokens"],
-                    "energy_j": rec["energy_j"],
-                    "energy_source": rec["source"],
-                    "cost": self._cost.cost(energy_j=rec["energy_j"], busy_s=rec["busy_s"], at=finished),
-                    "currency": self._cost.currency,
-                    "model": self._model,
-                    "replica": self._replica_id,
-                    "status": "failed" if failed else "aborted",
-                    "started_at": started,
-                    "finished_at": finished,
-                }
-            )
+            tokens = (rec["prompt_tokens"], rec["completion_tokens"])
+            status = "failed" if failed else "aborted"
+            await self._charge(key, tenant, started, tokens, rec["energy_j"], rec["busy_s"], rec["source"], status)
         except Exception:
             log.exception("settling unfinished request %s failed", key)
+
+    async def _charge(
+        self,
+        key: str,
+        tenant: str,
+        started: datetime,
+        tokens: tuple[int, int],
+        energy_j: float,
+        busy_s: float,
+        source: str,
+        status: str,
+    ) -> Decimal:
+        """Price a request and settle it in the ledger; returns once the row is committed."""
+        finished = datetime.now(UTC)
+        cost = self._cost.cost(energy_j=energy_j, busy_s=busy_s, at=finished)
+        await self._ledger.settle.remote(
+            {
+                "request_id": key,
+                "tenant": tenant,
+                "prompt_tokens": tokens[0],
+                "completion_tokens": tokens[1],
+                "energy_j": energy_j,
+                "energy_source": source,
+                "cost": cost,
+                "currency": self._cost.currency,
+                "model": self._model,
+                "replica": self._replica_id,
+                "status": status,
+                "started_at": started,
+                "finished_at": finished,
+            }
+        )
+        return cost
 
     async def _final(self, key: str, parts: int) -> dict[str, Any] | None:
         return await self._meter.final(key, FINAL_RECORD_TIMEOUT_S, parts) if self._meter else None
