@@ -144,26 +144,32 @@ def test_attributed_plus_idle_equals_measured_over_every_5s_window(base_url, key
 
 def test_aborted_stream_is_charged_for_what_it_used(api, client):
     """The client goes away mid-stream: the request is aborted in the engine and charged for
-    the tokens and energy it used up to then. Background load keeps the engine busy so the
-    request cannot finish before the disconnect reaches it (chunk delivery through Ray can lag
-    generation by a second or two on this machine)."""
+    the tokens and energy it used up to then.
+
+    Background load keeps the engine busy, but chunk delivery through Ray can still lag
+    generation by a second or two on this machine, and a disconnect during such a lag reaches
+    the engine only after the request has finished (then it is rightly charged as completed).
+    So the client tries a few times; an aborted one must appear, and carry its partial usage."""
 
     def send(_: int) -> None:
         client.completions.create(model=TINY_MODEL, prompt="busy", max_tokens=200, extra_body={"ignore_eos": True})
 
+    body = {"model": TINY_MODEL, "prompt": "a long story", "max_tokens": 480, "stream": True, "ignore_eos": True}
+    attempts = []
     with background_load(send, workers=8):
         time.sleep(1)
-        body = {"model": TINY_MODEL, "prompt": "a long story", "max_tokens": 480, "stream": True, "ignore_eos": True}
-        with api.stream("POST", "/v1/completions", json=body) as r:
-            request_id = r.headers["x-factory-request-id"]
-            seen = 0
-            for line in r.iter_lines():
-                seen += line.startswith("data: {")
-                if seen >= 3:
-                    break  # the client goes away mid-stream
-    row = _my_usage(api, request_id, timeout_s=20)
-    assert row["status"] == "aborted", (row["completion_tokens"], row["started_at"], row["finished_at"])
-    assert 3 <= row["completion_tokens"] < 480
+        for _ in range(4):
+            with api.stream("POST", "/v1/completions", json=body) as r:
+                request_id = r.headers["x-factory-request-id"]
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        break  # the client goes away at the first chunk
+            row = _my_usage(api, request_id, timeout_s=20)
+            attempts.append((row["status"], row["completion_tokens"]))
+            if row["status"] == "aborted":
+                break
+    assert row["status"] == "aborted", attempts
+    assert 1 <= row["completion_tokens"] < 480
     assert row["energy_j"] > 0
 
 
