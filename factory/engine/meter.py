@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,8 @@ from factory.telemetry.sources import PowerReading, select_power_source
 log = logging.getLogger("factory.meter")
 
 METER_ENV = "FACTORY_METER"
+# The energy-aware scheduler's settings (factory/engine/scheduler.py), JSON, set by the replica too.
+SCHEDULER_ENV = "FACTORY_SCHEDULER"
 # vllm_xargs keys the ingress stamps on every request (they reach the engine as extra_args).
 XARG_REQUEST = "factory_request"
 XARG_TENANT = "factory_tenant"
@@ -55,12 +57,27 @@ def _log_through_vllm() -> None:
         ours.propagate = False
 
 
+# Finished requests the SLO attainment is computed over.
+_SLO_WINDOW = 512
+# Readings kept for power windows (at 100 ms: 5 s).
+_WINDOW_READINGS = 50
+
+
 @dataclass(slots=True)
 class _Tracked:
     key: str  # the factory's request id (vllm_xargs), or the engine's when absent
     tenant: str
     prompt_tok: int
+    arrival_s: float  # wall clock, as the front end stamped the request
     output_tok: int = 0
+    first_token_s: float | None = None  # wall clock
+
+
+@dataclass(frozen=True, slots=True)
+class PowerWindow:
+    power_w: float  # average over the window
+    busy_fraction: float  # share of it the engine spent in steps
+    seconds: float
 
 
 class EngineMeter:
@@ -97,6 +114,13 @@ class EngineMeter:
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
         self._sock.connect(cfg["endpoint"])
+        self._idle_w, self._max_w = float(cfg["idle_w"]), float(cfg["max_w"])
+        slo = cfg.get("slo") or {}
+        self._slo_ttft_s, self._slo_tpot_s = slo.get("ttft_s"), slo.get("tpot_s")
+        self._slo_met: deque[tuple[bool, bool]] = deque(maxlen=_SLO_WINDOW)  # (ttft met, tpot met)
+        self._window: deque[tuple[float, float, float]] = deque(maxlen=_WINDOW_READINGS)  # (t, J, busy s)
+        # The scheduler's own stats ride on each snapshot (set by the energy-aware scheduler).
+        self.scheduler_stats: Callable[[], dict[str, Any]] | None = None
         self._observe_locked(time.monotonic(), self.source.energy_mj())
         self._sampler = PowerSampler(self.source, self._on_readings, interval_s=float(cfg.get("interval_s", 0.1)))
         self._sampler.start()
@@ -116,6 +140,28 @@ class EngineMeter:
         open_at = self._step_open_at
         done = self._busy_done_s
         return done + (time.monotonic() - open_at if open_at is not None else 0.0)
+
+    def power_range_w(self) -> tuple[float, float | None]:
+        """(idle W, busy W) as far as the source knows them: exact for the modeled source; for a
+        measured one the configured idle figure and no busy figure (the scheduler's curve learns it)."""
+        return (self._idle_w, self._max_w) if self.source.source == "modeled" else (self._idle_w, None)
+
+    def recent_power(self, window_s: float) -> PowerWindow | None:
+        """Average power and busy fraction over about the last `window_s`, from the sampler's
+        energy-counter readings; None until two readings span part of it."""
+        readings = list(self._window)
+        if len(readings) < 2:
+            return None
+        t1, e1, b1 = readings[-1]
+        t0, e0, b0 = next(((t, e, b) for t, e, b in readings if t >= t1 - window_s), readings[-2])
+        if t0 >= t1:
+            t0, e0, b0 = readings[-2]
+        dt = t1 - t0
+        return PowerWindow((e1 - e0) / dt, min(1.0, max(0.0, (b1 - b0) / dt)), dt)
+
+    def send_control_ack(self, version: int, sent_at: float, applied_at: float) -> None:
+        """Tell the replica (and through it the governor) when a control message took effect."""
+        self._send({"type": "control_applied", "version": version, "sent_at": sent_at, "applied_at": applied_at})
 
     # -- called by the scheduler (engine thread) ---------------------------------------------
     def on_schedule(self, step_key: int, num_scheduled_tokens: Mapping[str, int], requests: Mapping[str, Any]) -> None:
@@ -147,6 +193,8 @@ class EngineMeter:
                     t = self._tracked.get(o.request_id)
                     if t is None:
                         continue
+                    if t.first_token_s is None and o.new_token_ids:
+                        t.first_token_s = time.time()
                     t.output_tok += len(o.new_token_ids)
                     self._tokens[t.tenant][1] += len(o.new_token_ids)
                     if o.finish_reason is not None:
@@ -178,7 +226,9 @@ class EngineMeter:
     def _track(self, rid: str, req: Any) -> None:
         xargs = (req.sampling_params.extra_args if req.sampling_params is not None else None) or {}
         tenant = str(xargs.get(XARG_TENANT, "anonymous"))
-        t = self._tracked[rid] = _Tracked(str(xargs.get(XARG_REQUEST, rid)), tenant, req.num_prompt_tokens)
+        t = self._tracked[rid] = _Tracked(
+            str(xargs.get(XARG_REQUEST, rid)), tenant, req.num_prompt_tokens, float(req.arrival_time)
+        )
         counts = self._tokens.setdefault(tenant, [0, 0])
         counts[0] += t.prompt_tok
 
@@ -213,6 +263,7 @@ class EngineMeter:
             if t is None:
                 continue
             energy_j, busy_s = self._attr.finish(rid)
+            ttft_s, tpot_s = self._latency(t, time.time()) if status == "completed" else (None, None)
             if rid in open_rids:  # aborted inside a step still running: book its tail later
                 self._zombies.add(rid)
             self._finished[rid] = t.tenant
@@ -230,8 +281,31 @@ class EngineMeter:
                     "prompt_tokens": t.prompt_tok,
                     "completion_tokens": t.output_tok,
                     "source": self.source.source,
+                    "ttft_s": ttft_s,
+                    "tpot_s": tpot_s,
                 }
             )
+
+    def _latency(self, t: _Tracked, now_s: float) -> tuple[float | None, float | None]:
+        """A completed request's TTFT and mean TPOT, s; recorded against the SLO."""
+        if t.first_token_s is None:
+            return None, None
+        ttft_s = t.first_token_s - t.arrival_s
+        tpot_s = (now_s - t.first_token_s) / (t.output_tok - 1) if t.output_tok > 1 else None
+        self._slo_met.append(
+            (
+                self._slo_ttft_s is None or ttft_s <= self._slo_ttft_s,
+                self._slo_tpot_s is None or tpot_s is None or tpot_s <= self._slo_tpot_s,
+            )
+        )
+        return ttft_s, tpot_s
+
+    def slo_attainment(self) -> dict[str, float] | None:
+        """Share of the last completed requests that met each target; None before any completed."""
+        met = list(self._slo_met)
+        if not met:
+            return None
+        return {"ttft": sum(a for a, _ in met) / len(met), "tpot": sum(b for _, b in met) / len(met)}
 
     def _attr_open_rids(self) -> set[str]:
         return set().union(*(w.keys() for _, w in self._pending)) if self._pending else set()
@@ -242,8 +316,10 @@ class EngineMeter:
             t_s = max(r.time_s for r in readings)
             # A step-end reading may have been taken after this one: energy is cumulative, so
             # skipping this one loses nothing (the next reading covers it).
+            energy_mj = sum(r.energy_mj for r in readings)
             if t_s > self._last_observe_s:
-                self._observe_locked(t_s, sum(r.energy_mj for r in readings))
+                self._observe_locked(t_s, energy_mj)
+            self._window.append((t_s, energy_mj / 1000.0, self.busy_s()))
             totals = self._attr.totals
             snapshot = {
                 "type": "snapshot",
@@ -267,7 +343,13 @@ class EngineMeter:
                 "tokens": {k: list(v) for k, v in self._tokens.items()},
                 "busy_s": self.busy_s(),
                 "running": len(self._tracked),
+                "slo_attainment": self.slo_attainment(),
+                "slo": {"ttft_s": self._slo_ttft_s, "tpot_s": self._slo_tpot_s},
+                "time_s": time.time(),
             }
+        stats = self.scheduler_stats
+        if stats is not None:
+            snapshot["scheduler"] = stats()
         self._send(snapshot)
 
     def _send(self, msg: dict[str, Any]) -> None:

@@ -20,15 +20,17 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from factory.config import TelemetryConfig
-from factory.engine.meter import METER_ENV
+from factory.engine.meter import METER_ENV, SCHEDULER_ENV
+from factory.policy.batch import MIN_DUTY
 
 log = logging.getLogger("factory.engine")
 
 TOKENS_PER_JOULE_WINDOW_S = 10.0
+DEMAND_WINDOW_S = 3.0
 _KEEP_FINALS = 10_000  # finals nobody waited for (aborted requests) are kept this many deep
 
 
@@ -60,12 +62,25 @@ def _merge(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class ReplicaMeter:
-    def __init__(self, telemetry: TelemetryConfig):
-        self.endpoint = f"ipc://{tempfile.gettempdir()}/factory-meter-{uuid.uuid4().hex[:12]}"
+    def __init__(self, telemetry: TelemetryConfig, scheduler: dict[str, Any] | None = None):
+        """`scheduler`: the energy-aware scheduler's settings ({"slo": {"ttft_s", "tpot_s"},
+        "profile": path | None}), or None when the replica runs vLLM's own scheduling."""
+        stem = f"{tempfile.gettempdir()}/factory-meter-{uuid.uuid4().hex[:12]}"
+        self.endpoint = f"ipc://{stem}"
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, 100_000)
         self._sock.bind(self.endpoint)
+        self._scheduler_cfg = None
+        self._ctrl = None
+        if scheduler is not None:
+            self.control_endpoint = f"ipc://{stem}-control"
+            self._ctrl = self._ctx.socket(zmq.PUSH)
+            self._ctrl.setsockopt(zmq.LINGER, 0)
+            self._ctrl.bind(self.control_endpoint)
+            self._scheduler_cfg = {**scheduler, "control_endpoint": self.control_endpoint}
+        self.idle_w = telemetry.modeled_idle_watts
+        self.last_ack: dict[str, Any] | None = None  # the engine's last control_applied message
         self._engine_cfg = {
             "endpoint": self.endpoint,
             "source": telemetry.source,
@@ -73,16 +88,25 @@ class ReplicaMeter:
             "idle_w": telemetry.modeled_idle_watts,
             "max_w": telemetry.modeled_max_watts,
             "prefill_weight": telemetry.prefill_token_weight,
+            "slo": (scheduler or {}).get("slo"),
         }
         self._finals: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self._waiters: dict[str, _Waiter] = {}
         self.snapshot: dict[str, Any] | None = None
-        self._history: deque[tuple[float, float, int]] = deque()  # (t, observed J, completion tokens)
+        # (t, observed J, completion tokens, seconds paused by the power cap)
+        self._history: deque[tuple[float, float, int, float]] = deque()
         self._task: asyncio.Task | None = None
 
     def export_engine_env(self) -> None:
         """Make the EngineCore process (started after this, inheriting our environment) meter."""
         os.environ[METER_ENV] = json.dumps(self._engine_cfg)
+        if self._scheduler_cfg is not None:
+            os.environ[SCHEDULER_ENV] = json.dumps(self._scheduler_cfg)
+
+    async def send_control(self, msg: dict[str, Any]) -> None:
+        """A governor decision to the engine's scheduler (applied at its next step)."""
+        if self._ctrl is not None:
+            await self._ctrl.send(json.dumps(msg).encode())
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._receive_forever())
@@ -124,20 +148,66 @@ class ReplicaMeter:
                         self._finals.popitem(last=False)
             elif msg.get("type") == "snapshot":
                 self._on_snapshot(msg)
+            elif msg.get("type") == "control_applied":
+                self.last_ack = msg
 
     def _on_snapshot(self, snap: dict[str, Any]) -> None:
         self.snapshot = snap
         now = time.monotonic()
         completion = sum(t[1] for t in snap["tokens"].values())
-        self._history.append((now, snap["observed_j"], completion))
+        paused_s = (snap.get("scheduler") or {}).get("paused_s", 0.0)
+        self._history.append((now, snap["observed_j"], completion, paused_s))
         while len(self._history) > 2 and now - self._history[1][0] >= TOKENS_PER_JOULE_WINDOW_S:
             self._history.popleft()
+
+    def power_w(self, window_s: float = 1.0) -> tuple[float, float] | None:
+        """(average power, share of the time paused by the power cap) over about the last
+        `window_s`, from the energy counter; None at start."""
+        if len(self._history) < 2:
+            return None
+        t1, j1, _, p1 = self._history[-1]
+        t0, j0, _, p0 = next((h for h in self._history if h[0] >= t1 - window_s), self._history[-2])
+        if t0 >= t1:
+            t0, j0, _, p0 = self._history[-2]
+        return (j1 - j0) / (t1 - t0), min(1.0, max(0.0, (p1 - p0) / (t1 - t0)))
+
+    def demand_w(self, power_w: float, paused_share: float) -> float:
+        """What the replica would draw without its cap: the power above idle scales with the time
+        it computes, and the cap's pauses took `paused_share` of the time away from it."""
+        return self.idle_w + max(0.0, power_w - self.idle_w) / max(1.0 - paused_share, MIN_DUTY)
+
+    def power_report(self) -> dict[str, Any] | None:
+        """What the governor needs of this replica: power, energy counter (with the time it was
+        read), what the replica would draw unthrottled, efficiency, and its scheduler's state."""
+        snap = self.snapshot
+        power_w = self.power_w()
+        if snap is None or power_w is None:
+            return None
+        sched = snap.get("scheduler") or {}
+        power_w, _ = power_w
+        # Demand over a longer window: a paced engine's 1 s figures swing with its pauses.
+        slow_power_w, paused_share = self.power_w(DEMAND_WINDOW_S)
+        return {
+            "power_w": power_w,
+            "energy_j": snap["observed_j"],
+            "time_s": snap["time_s"],
+            "source": snap["source"],
+            "devices": len(snap["devices"]),
+            "idle_w": self.idle_w,
+            "demand_w": self.demand_w(slow_power_w, paused_share),
+            "tokens_per_joule": self.tokens_per_joule() or None,
+            "batch_cap": sched.get("batch_cap"),
+            "efficient_batch": sched.get("efficient_batch"),
+            "duty": sched.get("duty"),
+            "control_version": sched.get("control_version"),
+            "ack": self.last_ack,
+        }
 
     def tokens_per_joule(self) -> float:
         """Generated tokens per joule of the device over the last ~10 s."""
         if len(self._history) < 2:
             return 0.0
-        (_, j0, n0), (_, j1, n1) = self._history[0], self._history[-1]
+        (_, j0, n0, _), (_, j1, n1, _) = self._history[0], self._history[-1]
         return (n1 - n0) / (j1 - j0) if j1 > j0 else 0.0
 
     def families(self) -> list[Metric]:
@@ -179,12 +249,57 @@ class ReplicaMeter:
         tpj.add_metric([], self.tokens_per_joule())
         busy = CounterMetricFamily("factory_engine_busy_seconds", "Time the engine spent running steps.")
         busy.add_metric([], snap["busy_s"])
-        return [power, energy, limit, attributed, idle, tokens, tpj, busy]
+        return [power, energy, limit, attributed, idle, tokens, tpj, busy, *self._scheduler_families(snap)]
+
+    @staticmethod
+    def _scheduler_families(snap: dict[str, Any]) -> list[Metric]:
+        out: list[Metric] = []
+        if snap.get("slo_attainment") is not None:
+            slo = GaugeMetricFamily(
+                "factory_slo_attainment",
+                "Share of the last 512 completed requests that met each latency target (ttft, tpot).",
+                labels=["slo"],
+            )
+            for name, share in snap["slo_attainment"].items():
+                slo.add_metric([name], share)
+            out.append(slo)
+        sched = snap.get("scheduler")
+        if not sched:
+            return out
+        cap = GaugeMetricFamily("factory_batch_cap", "Most requests the scheduler lets run at once now.")
+        cap.add_metric([], sched["batch_cap"])
+        duty = GaugeMetricFamily("factory_duty_cycle", "Share of time the engine may compute under its power cap.")
+        duty.add_metric([], sched["duty"])
+        preempt = CounterMetricFamily("factory_preemptions", "Requests preempted (KV cache full) and recomputed.")
+        preempt.add_metric([], sched["preemptions"])
+        violations = CounterMetricFamily(
+            "factory_scheduler_cap_violations", "Steps that ran more requests than the cap in force (should be 0)."
+        )
+        violations.add_metric([], sched["cap_violations"])
+        out += [cap, duty, preempt, violations]
+        if sched.get("power_cap_w") is not None:
+            power_cap = GaugeMetricFamily("factory_power_cap_watts", "Power cap the governor set on this replica.")
+            power_cap.add_metric([], sched["power_cap_w"])
+            out.append(power_cap)
+        hist = HistogramMetricFamily("factory_step_energy_joules", "Energy of one engine step, J.")
+        cumulative, buckets = 0, []
+        for edge, count in zip([*sched["step_energy_buckets_j"], "+Inf"], sched["step_energy_counts"], strict=True):
+            cumulative += count
+            buckets.append((str(edge), cumulative))
+        hist.add_metric([], buckets, sched["step_energy_sum_j"])
+        out.append(hist)
+        return out
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
         self._sock.close(linger=0)
+        if self._ctrl is not None:
+            self._ctrl.close(linger=0)
+            try:
+                os.unlink(self.control_endpoint.removeprefix("ipc://"))
+            except OSError:
+                pass
         self._ctx.term()
         try:
             os.unlink(self.endpoint.removeprefix("ipc://"))

@@ -20,7 +20,13 @@ IDLE_W, MAX_W = 40.0, 120.0
 
 def _request(rid: str, tenant: str, prompt: int):
     params = SimpleNamespace(extra_args={XARG_REQUEST: f"key-{rid}", XARG_TENANT: tenant})
-    return SimpleNamespace(request_id=rid, sampling_params=params, num_prompt_tokens=prompt, num_computed_tokens=0)
+    return SimpleNamespace(
+        request_id=rid,
+        sampling_params=params,
+        num_prompt_tokens=prompt,
+        num_computed_tokens=0,
+        arrival_time=time.time(),
+    )
 
 
 def _output(rid: str, n_new: int, finished: bool = False):
