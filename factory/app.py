@@ -6,6 +6,7 @@
                   FactoryLLMServer x replicas (vLLM AsyncLLM + vLLM OpenAI serving)
     StateHub <- replicas report liveness + engine and power metrics; ingress reads it
     LedgerService <- ingress admits (key + reservation), replicas settle (group commit)
+    PowerGovernor <- replicas exchange power reports for caps (long poll); ingress reads admission
 
 Built with Ray Serve LLM's own pieces (`LLMConfig`, `build_llm_deployment`, `server_cls`), so
 vLLM's serving code answers every OpenAI request.
@@ -25,6 +26,9 @@ from factory.hub import StateHub
 from factory.metering.ledger import default_ledger_path
 from factory.metering.service import LedgerService
 from factory.models import ResolvedModel
+from factory.power.governor import PowerGovernor
+
+ROUTING_STATS_PERIOD_S = 0.5
 
 
 def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:
@@ -32,8 +36,37 @@ def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:
     return model.device == "cuda" or (model.device == "auto" and gpu_available)
 
 
+def request_router_config(router: str) -> dict:
+    """The deployment options that pick a model's request router: ours for `energy`; none for
+    `power_of_two`, which Ray Serve (and Ray Serve LLM's `build_llm_deployment`) then defaults to.
+
+    Replicas publish their routing stats every ROUTING_STATS_PERIOD_S; the router counts its own
+    requests in between, so the period bounds only how stale other routers' load is."""
+    if router != "energy":
+        return {}
+    return {
+        "request_router_config": {
+            "request_router_class": "factory.routing.router.EnergyAwareRouter",
+            "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+        }
+    }
+
+
+def scheduler_cls(policy: str, gpu: bool, metered: bool) -> str | None:
+    """The vLLM scheduler class a replica runs: ours (energy-aware, or vLLM's metered), or vLLM's own."""
+    if not metered:
+        return None
+    kind = "EnergyAware" if policy == "energy" else "Metering"
+    return f"factory.engine.scheduler.{'Async' if gpu else ''}{kind}Scheduler"
+
+
 def llm_config_for(
-    model: ModelConfig, resolved: ResolvedModel, gpu: bool, drain_timeout_s: float, metered: bool = True
+    model: ModelConfig,
+    resolved: ResolvedModel,
+    gpu: bool,
+    drain_timeout_s: float,
+    metered: bool = True,
+    scheduler_policy: str = "stock",
 ) -> LLMConfig:
     engine_kwargs = {
         "dtype": model.dtype,
@@ -43,8 +76,13 @@ def llm_config_for(
         "tensor_parallel_size": model.tensor_parallel_size,
         **model.engine_kwargs,
     }
-    if metered:  # metering rides on vLLM's own scheduler (the async one where vLLM schedules ahead on GPUs)
-        engine_kwargs["scheduler_cls"] = f"factory.engine.scheduler.{'Async' if gpu else ''}MeteringScheduler"
+    # Metering rides on vLLM's own scheduler (the async one where vLLM schedules ahead on GPUs).
+    cls = scheduler_cls(scheduler_policy, gpu, metered)
+    if cls is not None:
+        engine_kwargs["scheduler_cls"] = cls
+    if cls is not None and scheduler_policy == "energy":
+        # Tenants' priority classes order admission (the ingress stamps each request's priority).
+        engine_kwargs["scheduling_policy"] = "priority"
     if model.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = model.max_num_batched_tokens
     env, placement = {}, {}
@@ -70,6 +108,7 @@ def llm_config_for(
             "num_replicas": model.replicas,
             "ray_actor_options": {"num_cpus": model.replica_num_cpus if gpu else 0},
             "graceful_shutdown_timeout_s": drain_timeout_s,
+            **request_router_config(model.router),
         },
         runtime_env={"env_vars": env} if env else None,
         server_cls=FactoryLLMServer,
@@ -113,15 +152,24 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         reservation_ttl_s=cfg.reservation_ttl_s,
         commit_interval_ms=cfg.ledger.commit_interval_ms,
     )
-    metering = {"telemetry": cfg.telemetry.model_dump(), "cost": cfg.cost.model_dump(mode="json")}
-    llm_configs = [
-        llm_config_for(m, resolved[m.served_name], on_gpu(m, gpu_available), drain_s, cfg.telemetry.enabled)
-        for m in cfg.models
-    ]
-    llm_deployments = {
-        c.model_id: build_llm_deployment(c, bind_kwargs={"hub": hub, "ledger": ledger, "metering": metering})
-        for c in llm_configs
-    }
+    governor = _singleton(PowerGovernor, max_ongoing_requests=100_000).bind(
+        cfg.power.budget.model_dump(), cfg.power.governor.model_dump()
+    )
+    energy = cfg.scheduler.policy == "energy"
+    llm_deployments = {}
+    llm_configs = []
+    for m in cfg.models:
+        gpu = on_gpu(m, gpu_available)
+        c = llm_config_for(m, resolved[m.served_name], gpu, drain_s, cfg.telemetry.enabled, cfg.scheduler.policy)
+        metering = {
+            "telemetry": cfg.telemetry.model_dump(),
+            "cost": cfg.cost.model_dump(mode="json"),
+            "scheduler": _scheduler_settings(cfg, gpu) if energy else None,
+        }
+        llm_configs.append(c)
+        llm_deployments[c.model_id] = build_llm_deployment(
+            c, bind_kwargs={"hub": hub, "ledger": ledger, "governor": governor, "metering": metering}
+        )
     model_cards = {c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs}
 
     ingress = serve.deployment(
@@ -142,11 +190,28 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         model_cards=model_cards,
         hub=hub,
         ledger=ledger,
+        governor=governor,
+        priorities=energy,
         auth_required=cfg.auth == "required",
         tokenizers={m.served_name: resolved[m.served_name].path_or_id for m in cfg.models},
         max_model_len={m.served_name: m.max_model_len for m in cfg.models},
         currency=cfg.cost.currency,
     )
+
+
+def _scheduler_settings(cfg: FactoryConfig, gpu: bool) -> dict:
+    """What the energy-aware scheduler in each engine is told (through the replica's environment)."""
+    path = cfg.scheduler.profile_path(gpu)
+    if path is not None and not path.exists():
+        if cfg.scheduler.profile != "auto":
+            raise FileNotFoundError(f"scheduler.profile {path} does not exist")
+        path = None  # no bundled profile for this device: the curve is learnt from the first steps
+    return {
+        "slo": {"ttft_s": cfg.scheduler.slo.ttft_ms / 1000.0, "tpot_s": cfg.scheduler.slo.tpot_ms / 1000.0},
+        "profile": str(path) if path is not None else None,
+        "actuators": cfg.power.actuators.model_dump(),
+        "admission_horizon_tokens": cfg.scheduler.admission_horizon_tokens,
+    }
 
 
 def build(args: dict) -> Application:

@@ -8,6 +8,7 @@ import sys
 from factory.calibrate import add_command as add_calibrate_command
 from factory.config import ConfigError, load_config, with_overrides
 from factory.metering.cli import add_commands as add_metering_commands
+from factory.power.cli import add_command as add_power_command
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_parser("list", help="embedded models and whether they are pulled").set_defaults(func=_models_list)
     add_metering_commands(sub)
     add_calibrate_command(sub)
+    add_power_command(sub)
     return p
 
 

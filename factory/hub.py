@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from factory.dashboard.state import HISTORY_S, ReplicaHistory, replica_facts
@@ -42,7 +41,6 @@ class StateHub:
         # ingress replica id -> (requests in flight, when it said so)
         self._ingress: dict[str, tuple[int, float]] = {}
         self._history: dict[str, ReplicaHistory] = {}
-        self._budgets: dict[str, Any] = {"site_w": None, "replica_w": None, "replicas": {}}
 
     def report(self, replica_id: str, model: str, families: list[Metric]) -> None:
         facts = replica_facts(families)
@@ -89,31 +87,15 @@ class StateHub:
         """(replica id, vLLM metric families) for every live replica."""
         return [(r.replica_id, r.families) for r in self._live()]
 
-    # -- power budgets and the dashboard ---------------------------------------------------------
-
-    def set_budgets(self, site_w: float | None, replica_w: float | None, replicas: dict[str, float]) -> dict:
-        """Power budgets in W (None = none). The governor enforces them; the dashboard shows them."""
-        self._budgets = {"site_w": site_w, "replica_w": replica_w, "replicas": dict(replicas)}
-        return self._budgets
-
-    def budgets(self) -> dict[str, Any]:
-        return self._budgets
-
-    def budget_families(self) -> list[Metric]:
-        g = GaugeMetricFamily("factory_power_budget_watts", "Power budget in force, by scope.", labels=["scope"])
-        if self._budgets["site_w"] is not None:
-            g.add_metric(["site"], self._budgets["site_w"])
-        for replica, watts in self._budgets["replicas"].items():
-            g.add_metric([f"replica:{replica}"], watts)
-        return [g]
+    # -- the dashboard ---------------------------------------------------------------------------------
 
     def dashboard(self, with_history: bool) -> dict[str, Any]:
-        """Per-replica rows (live or gone) and, on request, their last 15 minutes."""
+        """Per-replica rows (live or gone) and, on request, their last 15 minutes. Budgets and
+        throttle state come from the governor (the ingress merges them in)."""
         live = {r.replica_id for r in self._live()}
         rows = []
         for r in self._reports.values():
             tok_s, tok_j = self._history[r.replica_id].rates()
-            budget = self._budgets["replicas"].get(r.replica_id, self._budgets["replica_w"])
             f = r.facts
             rows.append(
                 {
@@ -122,7 +104,6 @@ class StateHub:
                     "up": r.replica_id in live,
                     "source": f["source"],
                     "power_w": f["power_w"],
-                    "budget_w": budget,
                     "devices": f["devices"],
                     "energy_j": f["energy_j"],
                     "tokens_per_s": tok_s,
@@ -131,10 +112,9 @@ class StateHub:
                     "max_num_seqs": self._max_num_seqs.get(r.model),
                     "waiting": f["waiting"],
                     "kv_cache_usage": f["kv_cache_usage"],
-                    "throttle": {"level": 0, "reason": "no governor yet: budgets are shown, not enforced"},
                 }
             )
-        out: dict[str, Any] = {"replicas": rows, "budgets": self._budgets, "expected": dict(self._expected)}
+        out: dict[str, Any] = {"replicas": rows, "expected": dict(self._expected)}
         if with_history:
             out["history"] = self._history_doc()
         return out

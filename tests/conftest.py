@@ -57,6 +57,8 @@ def tiny_factory(tiny_model_dir, tmp_path_factory, keys):
         models=[{"name": TINY_MODEL, "source": str(tiny_model_dir), "max_model_len": TINY_CONTEXT, "max_num_seqs": 32}],
         auth="required",
         ledger={"path": str(keys.ledger_path)},
+        # Levels fall after 1 s clear of their threshold (5 s by default), so power tests end quickly.
+        power={"governor": {"hold_s": 1.0}},
     )
     factory = FactoryProcess(config, work / "serve.log", port)
     try:

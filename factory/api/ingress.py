@@ -5,13 +5,16 @@ class adds what a token seller needs in front of them: readiness gating (503 + R
 while replicas start), request checks that vLLM leaves to later, OpenAI-shaped errors for every
 failure, `/health`, `/ready` and `/metrics`; and the front half of metering: API keys, the
 reservation of each request's worst case against its tenant's token packages (429 when they
-cannot cover it), and the tenant/request stamps the engine meter and the replica settle by.
+cannot cover it), and the tenant/request stamps the engine meter and the replica settle by; and
+the power governor's admission rules: under a tight power budget the lowest priority class is
+slowed, then shed with 503 + Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -43,6 +46,10 @@ READINESS_POLL_S = 0.5
 # client's: a reused id must not settle as someone else's request) has its own header.
 REQUEST_ID_HEADER = "x-factory-request-id"
 RETRY_AFTER_S = 5
+# vLLM's priority scheduling runs lower numbers first.
+PRIORITY_VALUE = {"high": 0, "standard": 1, "low": 2}
+# A slowed priority class is admitted at this rate per ingress; a request waits at most Retry-After for its turn.
+SLOWED_ADMISSIONS_PER_S = 1.0
 
 
 class FactoryIngress(DashboardRoutes, AdminRoutes, OpenAiIngress):
@@ -56,6 +63,8 @@ class FactoryIngress(DashboardRoutes, AdminRoutes, OpenAiIngress):
         lora_paths: dict[str, str] | None = None,
         hub: DeploymentHandle,
         ledger: DeploymentHandle,
+        governor: DeploymentHandle,
+        priorities: bool,
         auth_required: bool,
         tokenizers: dict[str, str],
         max_model_len: dict[str, int],
@@ -64,6 +73,10 @@ class FactoryIngress(DashboardRoutes, AdminRoutes, OpenAiIngress):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self._hub = hub
         self._ledger = ledger
+        self._governor = governor
+        self._priorities = priorities  # engines schedule by priority class (the energy-aware scheduler)
+        self._admission: dict[str, Any] = {"version": 0, "level": 0, "slowed": [], "shed": [], "retry_after_s": 5}
+        self._slow_next_s = 0.0  # when the next slowed-class request may pass
         self._auth_required = auth_required
         self._counter = PromptCounter(tokenizers, max_model_len)
         self._currency = currency
@@ -71,6 +84,16 @@ class FactoryIngress(DashboardRoutes, AdminRoutes, OpenAiIngress):
         self._readiness: dict[str, Any] = {"ready": False, "draining": False, "models": {}}
         # Readiness is refreshed off the request path, so a request never waits on the hub.
         self._poller = asyncio.get_running_loop().create_task(self._poll_readiness())
+        self._admission_poller = asyncio.get_running_loop().create_task(self._poll_admission())
+
+    async def _poll_admission(self) -> None:
+        """Follow the governor's admission rules (a long poll: a change arrives at once)."""
+        while True:
+            try:
+                self._admission = await self._governor.admission.remote(self._admission["version"])
+            except Exception as err:
+                log.warning("admission poll failed: %s", err)
+                await asyncio.sleep(READINESS_POLL_S)
 
     async def _poll_readiness(self) -> None:
         while True:
@@ -116,7 +139,7 @@ class FactoryIngress(DashboardRoutes, AdminRoutes, OpenAiIngress):
             families = []
         try:
             ledger_families = await self._ledger.families.remote()
-            ledger_families += await self._hub.budget_families.remote()
+            ledger_families += await self._governor.families.remote()
         except Exception as err:
             log.warning("ledger metrics unavailable: %s", err)
             ledger_families = []
@@ -156,6 +179,12 @@ class FactoryIngress(DashboardRoutes, AdminRoutes, OpenAiIngress):
             if not answer["ok"]:
                 raise APIError(answer["status"], answer["message"], code=answer["code"])
             tenant, priority = answer["tenant"], answer["priority"]
+        try:
+            await self._power_gate(priority)
+        except APIError:
+            if self._auth_required:
+                await self._ledger.release.remote(request_id)
+            raise
         client_usage = not body.stream or bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:  # the replica needs the final usage to settle; it drops it if the client did not ask
             continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
@@ -168,7 +197,36 @@ class FactoryIngress(DashboardRoutes, AdminRoutes, OpenAiIngress):
             XARG_PRIORITY: priority,
             XARG_CLIENT_USAGE: int(client_usage),
         }
+        if self._priorities:
+            body.priority = PRIORITY_VALUE[priority]
         return request_id
+
+    async def _power_gate(self, priority: str) -> None:
+        """The governor's admission rules: a shed class gets 503 + Retry-After; a slowed one is let
+        through at SLOWED_ADMISSIONS_PER_S, waiting up to Retry-After for its turn."""
+        rules = self._admission
+        retry_s = int(rules.get("retry_after_s", RETRY_AFTER_S))
+        if priority in rules.get("shed", ()):
+            raise APIError(
+                503,
+                f"The power budget is tight and '{priority}' priority requests are paused ({rules.get('reason')}). "
+                f"Retry after {retry_s} s.",
+                code="power_budget_exceeded",
+                headers={"Retry-After": str(retry_s)},
+            )
+        if priority in rules.get("slowed", ()):
+            now = time.monotonic()
+            turn = max(now, self._slow_next_s)
+            if turn - now > retry_s:
+                raise APIError(
+                    503,
+                    f"The power budget is tight and '{priority}' priority requests are slowed; the queue is full. "
+                    f"Retry after {retry_s} s.",
+                    code="power_budget_exceeded",
+                    headers={"Retry-After": str(retry_s)},
+                )
+            self._slow_next_s = turn + 1.0 / SLOWED_ADMISSIONS_PER_S
+            await asyncio.sleep(turn - now)
 
 
 def _with_request_id(response: Response, request_id: str) -> Response:

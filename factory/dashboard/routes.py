@@ -13,14 +13,14 @@ import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 
 from factory.api.errors import APIError
-from factory.dashboard.state import site_state
+from factory.dashboard.state import merge_power, site_state
 
 STATIC = Path(__file__).resolve().parent / "static"
 _STATIC_FILES = {p.name for p in STATIC.iterdir()} if STATIC.is_dir() else set()
@@ -30,14 +30,18 @@ TENANTS_REFRESH_S = 2.0
 
 
 class BudgetIn(BaseModel):
+    """The whole set of budgets (PUT replaces it); W, null or absent = no budget at that scope."""
+
     model_config = ConfigDict(extra="forbid")
-    site_w: float | None = Field(None, gt=0, description="Site power budget, W; null removes it.")
-    replica_w: float | None = Field(None, gt=0, description="Default budget per replica, W; null = none.")
-    replicas: dict[str, float] = Field(default_factory=dict, description="Budgets of single replicas, W.")
+    site_w: float | None = Field(None, gt=0, description="Site power budget, W.")
+    node_w: float | None = Field(None, gt=0, description="Budget of each node, W.")
+    gpu_w: float | None = Field(None, gt=0, description="Budget of each GPU, W (a replica's: times its GPUs).")
+    nodes: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict, description="Single nodes, W.")
+    replicas: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict, description="Single replicas, W.")
 
 
 class DashboardRoutes:
-    """Expects `self._hub`, `self._ledger_op`, `self._require_admin`, `self._readiness`,
+    """Expects `self._hub`, `self._governor`, `self._ledger_op`, `self._require_admin`, `self._readiness`,
     `self._auth_required` and `self._currency` (the ingress has them)."""
 
     _tenants_cache: tuple[float, list] = (0.0, [])
@@ -73,22 +77,30 @@ class DashboardRoutes:
 
     async def get_power_budget(self, request: Request) -> JSONResponse:
         await self._require_admin(request)
-        return JSONResponse(await self._hub.budgets.remote())
+        return JSONResponse(await self._governor.budgets.remote())
 
     async def put_power_budget(self, body: BudgetIn, request: Request) -> JSONResponse:
-        """Demand response: change the budgets now (the page shows them within a second)."""
+        """Demand response: new budgets, enforced at once (engines hear within one exchange)."""
         await self._require_admin(request)
-        return JSONResponse(await self._hub.set_budgets.remote(body.site_w, body.replica_w, body.replicas))
+        return JSONResponse(await self._governor.set_budgets.remote(body.model_dump()))
+
+    async def get_power(self, request: Request) -> JSONResponse:
+        """The governor's state: budgets, per-replica power, caps, levels and reasons, admission."""
+        await self._require_admin(request)
+        return JSONResponse(await self._governor.state.remote())
 
     async def _dashboard_doc(self, with_history: bool) -> dict[str, Any]:
         hub = await self._hub.dashboard.remote(with_history)
+        power = await self._governor.state.remote()
+        merge_power(hub["replicas"], power)
         doc = site_state(
             time.time(),
             hub["replicas"],
-            budgets=hub["budgets"],
+            budgets=power["budgets"],
             expected=hub["expected"],
             tenants=await self._tenant_totals(),
             currency=self._currency,
+            admission=power["admission"],
         )
         doc["auth_required"] = self._auth_required
         if with_history:
@@ -112,4 +124,5 @@ DASHBOARD_ENDPOINTS = {
     "dashboard_stream": lambda app: app.get("/dashboard/api/stream"),
     "get_power_budget": lambda app: app.get("/admin/power/budget"),
     "put_power_budget": lambda app: app.put("/admin/power/budget"),
+    "get_power": lambda app: app.get("/admin/power"),
 }

@@ -74,6 +74,25 @@ class ReplicaHistory:
         return {"t": [p[0] for p in pts], "power_w": [p[1] for p in pts], "tokens_per_s": tok_s}
 
 
+def merge_power(replicas: list[dict[str, Any]], power: dict[str, Any]) -> None:
+    """Put the governor's view on the hub's replica rows: each replica's budget (its own, or the
+    per-GPU one times its devices), its cap, throttle level and reason, and power averaged over
+    a second (a paced engine's instant power swings between idle and busy)."""
+    budgets = power["budgets"]
+    by_id = {row["replica"]: row for row in power["replicas"]}
+    for r in replicas:
+        own = [budgets["replicas"].get(r["id"])]
+        if budgets.get("gpu_w") is not None:
+            own.append(budgets["gpu_w"] * max(1, len(r["devices"])))
+        own = [w for w in own if w is not None]
+        r["budget_w"] = min(own) if own else None
+        g = by_id.get(r["id"])
+        if g is not None and g["live"]:
+            r["power_w"] = g["power_w"]
+        r["cap_w"] = g["cap_w"] if g else None
+        r["throttle"] = {"level": g["level"], "reason": g["reason"]} if g else {"level": 0, "reason": "within budget"}
+
+
 def site_state(
     now_s: float,
     replicas: list[dict[str, Any]],
@@ -82,8 +101,10 @@ def site_state(
     expected: dict[str, int],
     tenants: list[dict[str, Any]],
     currency: str,
+    admission: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The state document (without history) from replica rows and ledger totals."""
+    """The state document (without history) from replica rows (with `merge_power` applied),
+    ledger totals and the governor's admission rules."""
     site_power = sum(r["power_w"] for r in replicas if r["up"])
     tok_s = sum(r["tokens_per_s"] for r in replicas if r["up"])
     energy_rate = sum(r["tokens_per_s"] / r["tokens_per_joule"] for r in replicas if r["up"] and r["tokens_per_joule"])
@@ -105,6 +126,7 @@ def site_state(
         "site": site,
         "replicas": replicas,
         "tenants": tenants,
+        "admission": admission or {"level": 0, "name": "normal", "slowed": [], "shed": [], "reason": "no budget binds"},
         "alarms": alarms(site, replicas, expected),
     }
 

@@ -5,7 +5,9 @@ classes), plus what the factory adds per replica:
   each request's energy here; a finished request's usage gets `energy_joules` and `cost`, is
   settled in the ledger (committed before the client sees the usage), and only then is sent;
 - a once-a-second report to the state hub: liveness, vLLM's `vllm:*` families and the replica's
-  `factory_*` power, energy and token families.
+  `factory_*` power, energy and token families;
+- the power governor's control, with the energy-aware scheduler: the replica reports its power
+  to the governor (a long poll) and passes each new cap down the engine's control socket.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import ray
 from prometheus_client import REGISTRY
 from ray import serve
 from ray.llm._internal.common.callbacks.base import CallbackBase
@@ -30,6 +33,7 @@ from factory.engine.replica_meter import ReplicaMeter
 from factory.hub import REPORT_INTERVAL_S
 from factory.metering.cost import money_json
 from factory.metering.service import cost_model
+from factory.routing.stats import QUEUE_GAUGES, queue_lengths, routing_stats
 
 log = logging.getLogger("factory.engine")
 
@@ -45,11 +49,14 @@ class FactoryLLMServer(LLMServer):
         *,
         hub: DeploymentHandle,
         ledger: DeploymentHandle,
+        governor: DeploymentHandle,
         metering: dict[str, Any],
         **kwargs,
     ):
         telemetry = TelemetryConfig(**metering["telemetry"])
-        self._meter = ReplicaMeter(telemetry) if telemetry.enabled else None
+        self._meter = ReplicaMeter(telemetry, metering.get("scheduler")) if telemetry.enabled else None
+        self._governor = governor
+        self._control: dict[str, Any] = {"version": 0, "power_cap_w": None, "level": 0, "reason": "within budget"}
         if self._meter is not None:
             self._meter.export_engine_env()  # before the engine (and its EngineCore process) starts
             self._meter.start()
@@ -60,7 +67,10 @@ class FactoryLLMServer(LLMServer):
         self._hub = hub
         self._model = llm_config.model_id
         self._replica_id = serve.get_replica_context().replica_id.unique_id
-        self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
+        self._node = ray.get_runtime_context().get_node_id()
+        loop = asyncio.get_running_loop()
+        self._reporter = loop.create_task(self._report_forever())
+        self._governed = loop.create_task(self._govern_forever()) if metering.get("scheduler") else None
         log.info("replica %s of %s serving", self._replica_id, self._model)
 
     async def _start_engine(self) -> None:
@@ -194,6 +204,49 @@ class FactoryLLMServer(LLMServer):
             except Exception as err:  # the hub may be restarting; liveness resumes next tick
                 log.warning("report to state hub failed: %s", err)
             await asyncio.sleep(REPORT_INTERVAL_S)
+
+    async def _govern_forever(self) -> None:
+        """Report power to the governor; pass every new control down to the engine's scheduler."""
+        while True:
+            try:
+                report = self._meter.power_report()
+                ctrl = await self._governor.exchange.remote(
+                    self._replica_id, self._node, report, self._control["version"]
+                )
+                if ctrl.get("version", 0) > self._control["version"]:
+                    self._control = ctrl
+                    await self._meter.send_control(
+                        {"version": ctrl["version"], "power_cap_w": ctrl["power_cap_w"], "sent_at": ctrl["sent_at"]}
+                    )
+                if report is None:  # the engine has not sampled yet
+                    await asyncio.sleep(0.2)
+            except Exception as err:  # the governor may be restarting; the last cap stays in force
+                log.warning("power governor unreachable: %s", err)
+                await asyncio.sleep(1.0)
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve's hook, polled every `request_routing_stats_period_s`: this replica's queue and
+        power state for EnergyAwareRouter (factory/routing/), beside Ray Serve LLM's own stats."""
+        running, waiting = queue_lengths(REGISTRY.restricted_registry(QUEUE_GAUGES).collect())
+        return {
+            **await super().record_routing_stats(),
+            **routing_stats(
+                running=running,
+                waiting=waiting,
+                max_num_seqs=self._llm_config.engine_kwargs["max_num_seqs"],
+                control=self._control_stats(),
+            ),
+        }
+
+    def _control_stats(self) -> dict[str, Any]:
+        """This replica's throttle state, for the router."""
+        sched = ((self._meter.snapshot if self._meter else None) or {}).get("scheduler") or {}
+        return {
+            "throttle_level": self._control["level"],
+            "power_cap_w": self._control["power_cap_w"],
+            "batch_cap": sched.get("batch_cap"),
+            "efficient_batch": sched.get("efficient_batch"),
+        }
 
 
 def _engine_requests(request: Any) -> int:

@@ -185,6 +185,15 @@ class NvmlPowerSource(PowerSource):
     # -- reading --
 
     @property
+    def nvml(self):
+        """The NVML module in use (the optional actuators drive the same boards through it)."""
+        return self._nvml
+
+    def boards(self) -> list[tuple[str, object]]:
+        """(name, NVML handle) of each board this replica reads."""
+        return [(d.name, d.handle) for d in self._devices]
+
+    @property
     def devices(self) -> list[str]:
         return [d.name for d in self._devices]
 

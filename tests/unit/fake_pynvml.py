@@ -21,6 +21,7 @@ NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
+NVML_ERROR_NO_PERMISSION = 4
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_UNKNOWN = 999
 NVML_FI_DEV_POWER_INSTANT = 186
@@ -55,6 +56,7 @@ _MESSAGES = {
     NVML_ERROR_FUNCTION_NOT_FOUND: "Function Not Found",
     NVML_ERROR_GPU_IS_LOST: "GPU is lost",
     NVML_ERROR_UNKNOWN: "Unknown Error",
+    NVML_ERROR_NO_PERMISSION: "Insufficient Permissions",
 }
 
 
@@ -73,6 +75,7 @@ NVMLError_LibraryNotFound = _error_class("NVMLError_LibraryNotFound", NVML_ERROR
 NVMLError_FunctionNotFound = _error_class("NVMLError_FunctionNotFound", NVML_ERROR_FUNCTION_NOT_FOUND)
 NVMLError_GpuIsLost = _error_class("NVMLError_GpuIsLost", NVML_ERROR_GPU_IS_LOST)
 NVMLError_Unknown = _error_class("NVMLError_Unknown", NVML_ERROR_UNKNOWN)
+NVMLError_NoPermission = _error_class("NVMLError_NoPermission", NVML_ERROR_NO_PERMISSION)
 
 
 @dataclass
@@ -94,6 +97,11 @@ class FakeGpu:
     utilization_pct: int | None = 50
     mig_mode: tuple[int, int] | None = (0, 0)  # (current, pending); None = not supported
     mig_slices: list[str] = field(default_factory=list)  # MIG- UUIDs of its slices
+    # Settings (the actuators' side): False = setting anything raises NoPermission (not root).
+    settable: bool = True
+    default_limit_mw: int = 700_000
+    graphics_clocks_mhz: tuple[int, ...] = (345, 990, 1410, 1980)
+    locked_clocks_mhz: tuple[int, int] | None = None
 
     def __post_init__(self):
         self.uuid = self.uuid or f"GPU-{self.index:08x}-1111-2222-3333-444455556666"
@@ -132,6 +140,7 @@ class FakePynvml(types.ModuleType):
     NVMLError_LibraryNotFound = NVMLError_LibraryNotFound
     NVMLError_FunctionNotFound = NVMLError_FunctionNotFound
     NVMLError_GpuIsLost = NVMLError_GpuIsLost
+    NVMLError_NoPermission = NVMLError_NoPermission
 
     def __init__(self, gpus: int | list[FakeGpu] = 1, *, init_error: type | None = None, driver: str = "550.54.15"):
         super().__init__("pynvml")
@@ -278,6 +287,40 @@ class FakePynvml(types.ModuleType):
     def nvmlDeviceGetUtilizationRates(self, handle):
         self._enter("nvmlDeviceGetUtilizationRates")
         return SimpleNamespace(gpu=_supported(self._gpu(handle).utilization_pct), memory=0)
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle):
+        self._enter("nvmlDeviceGetPowerManagementDefaultLimit")
+        return self._gpu(handle).default_limit_mw
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle, limit_mw):
+        self._enter("nvmlDeviceSetPowerManagementLimit")
+        gpu = self._settable(handle)
+        lo, hi = gpu.constraints_mw
+        if not lo <= limit_mw <= hi:
+            raise NVMLError_InvalidArgument()
+        gpu.power_limit_mw = limit_mw
+
+    def nvmlDeviceGetSupportedMemoryClocks(self, handle):
+        self._enter("nvmlDeviceGetSupportedMemoryClocks")
+        return [2619]
+
+    def nvmlDeviceGetSupportedGraphicsClocks(self, handle, memory_clock_mhz):
+        self._enter("nvmlDeviceGetSupportedGraphicsClocks")
+        return list(self._gpu(handle).graphics_clocks_mhz)
+
+    def nvmlDeviceSetGpuLockedClocks(self, handle, min_mhz, max_mhz):
+        self._enter("nvmlDeviceSetGpuLockedClocks")
+        self._settable(handle).locked_clocks_mhz = (min_mhz, max_mhz)
+
+    def nvmlDeviceResetGpuLockedClocks(self, handle):
+        self._enter("nvmlDeviceResetGpuLockedClocks")
+        self._settable(handle).locked_clocks_mhz = None
+
+    def _settable(self, handle) -> FakeGpu:
+        gpu = self._gpu(handle)
+        if not gpu.settable:
+            raise NVMLError_NoPermission()
+        return gpu
 
     def nvmlDeviceGetMigMode(self, handle):
         self._enter("nvmlDeviceGetMigMode")

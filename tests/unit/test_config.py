@@ -135,3 +135,76 @@ def test_serve_refuses_a_bad_config_before_starting_anything(tmp_path):
     assert r.returncode == 2
     assert "models.0.replicas" in r.stderr
     assert "Ray" not in r.stderr + r.stdout  # nothing was started
+
+
+# -- scheduler and power sections ---------------------------------------------------------
+
+
+def test_scheduler_and_power_defaults():
+    cfg = FactoryConfig()
+    assert cfg.models[0].router == "energy"
+    assert (cfg.scheduler.policy, cfg.scheduler.profile) == ("energy", "auto")
+    assert (cfg.scheduler.slo.ttft_ms, cfg.scheduler.slo.tpot_ms) == (2000, 250)
+    budget, governor, actuators = cfg.power.budget, cfg.power.governor, cfg.power.actuators
+    assert (budget.site_w, budget.node_w, budget.gpu_w) == (None, None, None)
+    assert (governor.interval_ms, governor.slow_below, governor.shed_below) == (500, 0.75, 0.5)
+    assert (governor.hysteresis, governor.hold_s, governor.retry_after_s) == (0.05, 5.0, 5)
+    assert not actuators.nvml_power_limit and not actuators.nvml_locked_clocks
+
+
+def test_power_budgets_are_read_in_any_unit_and_held_in_watts():
+    cfg = parse_config({"power": {"budget": {"site_w": "1.2 MW", "node_w": "30kW", "gpu_w": 700}}})
+    assert (cfg.power.budget.site_w, cfg.power.budget.node_w, cfg.power.budget.gpu_w) == (1.2e6, 30e3, 700.0)
+    # CLI overrides re-validate the dumped config: the parsed watts must survive the round trip.
+    again = with_overrides(cfg, server={"port": 9001})
+    assert again.power == cfg.power and again.server.port == 9001
+
+
+@pytest.mark.parametrize(
+    "data, where, why",
+    [
+        ({"power": {"budget": {"site_w": "5 mW"}}}, "power.budget.site_w", "milliwatts"),
+        ({"power": {"budget": {"gpu_w": "700 V"}}}, "power.budget.gpu_w", "units W, kW, MW"),
+        ({"power": {"budget": {"node_w": 0}}}, "power.budget.node_w", "above 0 W"),
+        ({"power": {"budget": {"site_w": True}}}, "power.budget.site_w", "a number of watts"),
+        ({"power": {"budget": {"replica_w": 5}}}, "power.budget.replica_w", "Extra inputs are not permitted"),
+        ({"power": {"governor": {"shed_below": 0.8}}}, "power.governor", "shed_below must be below slow_below"),
+        ({"power": {"governor": {"slow_below": 1.5}}}, "power.governor.slow_below", "less than or equal to 1"),
+        ({"power": {"governor": {"shed_below": 0}}}, "power.governor.shed_below", "greater than 0"),
+        ({"power": {"governor": {"hysteresis": 0.6}}}, "power.governor.hysteresis", "less than or equal to 0.5"),
+        ({"power": {"governor": {"interval_ms": 10}}}, "power.governor.interval_ms", "greater than or equal to 50"),
+        ({"power": {"governor": {"hold_s": -1}}}, "power.governor.hold_s", "greater than or equal to 0"),
+        ({"power": {"governor": {"retry_after_s": 0}}}, "power.governor.retry_after_s", "greater than or equal to 1"),
+        ({"scheduler": {"policy": "fast"}}, "scheduler.policy", "'energy' or 'stock'"),
+        ({"scheduler": {"profile": " "}}, "scheduler.profile", "a path, auto or null"),
+        ({"scheduler": {"slo": {"tpot_ms": 0}}}, "scheduler.slo.tpot_ms", "greater than 0"),
+        ({"models": [{"router": "random"}]}, "models.0.router", "'energy' or 'power_of_two'"),
+    ],
+)
+def test_bad_scheduler_or_power_field_is_named_with_reason(data, where, why):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    text = str(exc.value)
+    assert f"  {where}:" in text
+    assert why in text
+
+
+def test_energy_scheduler_needs_telemetry():
+    with pytest.raises(ConfigError, match="scheduler.policy is energy but telemetry.enabled is false"):
+        parse_config({"telemetry": {"enabled": False}})
+    stock = parse_config({"telemetry": {"enabled": False}, "scheduler": {"policy": "stock"}})
+    assert stock.scheduler.policy == "stock" and not stock.telemetry.enabled
+
+
+def test_profile_path_resolves_auto_null_and_paths(tmp_path, monkeypatch):
+    auto = FactoryConfig().scheduler
+    profiles = DEFAULT_CONFIG_PATH.parent / "profiles"
+    assert auto.profile_path(gpu=True) == profiles / "h100-sxm-llama-3.1-8b.published.json"
+    assert auto.profile_path(gpu=True).is_file()
+    assert auto.profile_path(gpu=False) == profiles / "cpu-smollm2-135m.modeled.json"
+    assert parse_config({"scheduler": {"profile": None}}).scheduler.profile_path(gpu=True) is None
+    monkeypatch.chdir(tmp_path)
+    relative = parse_config({"scheduler": {"profile": "mine/card.json"}}).scheduler
+    assert relative.profile_path(gpu=False) == tmp_path / "mine" / "card.json"
+    absolute = parse_config({"scheduler": {"profile": "/opt/p.json"}}).scheduler
+    assert absolute.profile_path(gpu=True) == Path("/opt/p.json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from factory.dashboard.state import ReplicaHistory, alarms, replica_facts, site_state
+from factory.dashboard.state import ReplicaHistory, alarms, merge_power, replica_facts, site_state
 from factory.hub import StateHub
 
 
@@ -81,15 +81,38 @@ def test_alarms_over_budget_modeled_missing_and_down():
     ]
 
 
-def test_hub_keeps_history_and_budgets_for_the_dashboard():
+def test_hub_keeps_history_for_the_dashboard():
     hub = StateHub({"m": 1})
     hub.report("r1", "m", _families(90.0, 10.0, 5))
     hub.report("r1", "m", _families(95.0, 20.0, 25))
-    hub.set_budgets(300.0, None, {"r1": 120.0})
     doc = hub.dashboard(with_history=True)
     (row,) = doc["replicas"]
-    assert (row["id"], row["up"], row["power_w"], row["budget_w"]) == ("r1", True, 95.0, 120.0)
+    assert (row["id"], row["up"], row["power_w"]) == ("r1", True, 95.0)
     assert doc["history"]["replicas"]["r1"]["power_w"] == [90.0, 95.0]
     assert len(doc["history"]["site_power_w"]) == 2
-    (budget,) = hub.budget_families()
-    assert {s.labels["scope"]: s.value for s in budget.samples} == {"site": 300.0, "replica:r1": 120.0}
+
+
+def _governor_state(budgets: dict, rows: list[dict]) -> dict:
+    return {"budgets": {"site_w": None, "node_w": None, "gpu_w": None, "nodes": {}, "replicas": {}, **budgets},
+            "replicas": rows, "admission": {}, "scopes": []}  # fmt: skip
+
+
+def test_merge_power_puts_budgets_caps_levels_and_averaged_power_on_rows():
+    rows = [
+        {"id": "r1", "power_w": 120.0, "devices": ["gpu0", "gpu1"]},  # instant power, mid-step
+        {"id": "r2", "power_w": 50.0, "devices": ["gpu2"]},
+        {"id": "r3", "power_w": 40.0, "devices": ["gpu3"]},  # the governor has not heard of it yet
+    ]
+    why = "site budget 130 W below demand"
+    governed = [
+        {"replica": "r1", "live": True, "power_w": 80.0, "cap_w": 80.0, "level": 1, "reason": why},
+        {"replica": "r2", "live": False, "power_w": 45.0, "cap_w": None, "level": 0, "reason": "within budget"},
+    ]
+    merge_power(rows, _governor_state({"gpu_w": 70.0, "replicas": {"r2": 60.0}}, governed))
+    r1, r2, r3 = rows
+    # r1: 2 GPUs x 70 W; the governor's 1 s average replaces the instant reading.
+    assert (r1["budget_w"], r1["power_w"], r1["cap_w"]) == (140.0, 80.0, 80.0)
+    assert r1["throttle"] == {"level": 1, "reason": why}
+    # r2: its own 60 W is tighter than 70 W; a stale governor row does not overwrite power.
+    assert (r2["budget_w"], r2["power_w"], r2["cap_w"]) == (60.0, 50.0, None)
+    assert (r3["budget_w"], r3["cap_w"], r3["throttle"]["level"]) == (70.0, None, 0)

@@ -11,7 +11,7 @@
   // Okabe-Ito: tells lines apart for colour-blind readers too.
   const PALETTE = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000"];
   // The governor's order of escalation (DESIGN.md): batch caps, then admission, then shedding.
-  const THROTTLE_NAMES = ["none", "batch cap", "admission", "shedding"];
+  const THROTTLE_NAMES = ["none", "capped", "low slowed", "low shed"];
   // Taken from the page's own charts, so the script spells out no URL at all.
   const SVG_NS = document.querySelector("svg").namespaceURI;
 
@@ -312,8 +312,12 @@
       return el("tr", { "data-replica": r.id }, replicaName(r),
         el("td", {}, el("span", { class: `level level-${level === null ? "x" : level}`, title: "level 0 to 3" },
           level === null ? "—" : `${level} · ${THROTTLE_NAMES[level] || "unknown"}`)),
+        el("td", { class: "num" }, num(r.cap_w) === null ? "none" : fmtW(r.cap_w)),
         el("td", { class: "reason" }, t.reason || ""));
     }), "No replicas");
+    const adm = state.admission || {};
+    const who = [...(adm.shed || []).map((c) => `${c} shed (503)`), ...(adm.slowed || []).map((c) => `${c} slowed`)];
+    $("admission").textContent = "Admission: " + (who.length ? `${who.join(", ")} (${adm.reason})` : "every priority class admitted");
 
     fillBody($("batch-table"), replicas.map((r) => el("tr", { "data-replica": r.id }, replicaName(r),
       el("td", { class: "num" }, `${fmtInt(r.running)} / ${fmtInt(r.max_num_seqs)}`),

@@ -1,0 +1,1 @@
+"""Power: budgets in watts, the governor that holds replicas to them, and `factory power`."""
