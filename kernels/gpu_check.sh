@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device-tool call (under 3 minutes on one H100): NVML facts and the power path check, then
-# the llama-3.1-8b decode probe at context 1024, then its J/token beside the published figures.
-#   bash kernels/gpu_check.sh        # profile JSON in $OUT (or /tmp)
+# One device-tool call (about 3 minutes on one H100): NVML facts and the power path check, then
+# the llama-3.1-8b decode probe at context 1024, then its J/token beside the published figures,
+# then the governor check (the policy holds the card's power under a budget by throttling).
+#   bash kernels/gpu_check.sh        # profile JSON in $OUT (or /tmp), governor_check.json in $OUT
 # Reads the card only; changes no clock, power limit or persistence setting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,3 +42,7 @@ for p in doc["points"]:
 for s in doc["skipped"]:
     print(f"skipped batch {s['batch']}: {s['reason']}")
 EOF
+
+echo "== governor: the engine's policy holds NVML power under a budget by pausing the workload"
+# About 45 s: idle 3 s, sweep, 8 s unthrottled, 20 s governed. Writes $OUT/governor_check.json.
+"$PY" kernels/governor_check.py --seconds 20 || echo "governor_check exited $?"

@@ -1,6 +1,9 @@
 """Prove the NVML power path on a real GPU: facts, then ~20 s of bf16 matmul load sampled every
-100 ms. Checks: the energy counter rises; every power sample lies in [0, 1.1 x max limit]; the
-counter's energy agrees with the integral of sampled power within 5 %.
+100 ms. Checks: the energy counter rises; the counter's average power over the window stays within
+the enforced limit (+2 %) and no instant sample exceeds 1.25 x the limit (the board enforces its
+limit over a time window, so instant samples may pass it: an H100 at its 700 W limit showed
+instants up to 779 W while the 10 s average was 696 W); the counter's energy agrees with the
+integral of sampled power within 5 %.
 
     python kernels/nvml_check.py [--seconds 20] [--device 0]
 
@@ -123,7 +126,8 @@ def run(torch, nv, h, args):
     period = statistics.median(deltas) if deltas else float("nan")
     max_w = limits[1] / 1000 if isinstance(limits, list) else optional(lambda: nv.nvmlDeviceGetEnforcedPowerLimit(h))
     max_w = max_w / 1000 if isinstance(max_w, int) else max_w
-    cap_w = 1.1 * max_w if isinstance(max_w, float) else float("inf")
+    limit_w = max_w if isinstance(max_w, float) else float("inf")
+    mean_w = counter_j / (t[-1] - t[0])
     print(f"window     : {t[-1] - t[0]:.2f} s, {len(samples)} samples")
     print(f"energy     : counter {counter_j:.1f} J, trapezoid of power {trapz_j:.1f} J")
     print(
@@ -133,7 +137,8 @@ def run(torch, nv, h, args):
     print(f"counter    : updates every {period * 1000:.0f} ms (median of {len(deltas)} deltas)")
     checks = {
         "energy counter rose": counter_j > 0,
-        f"every power sample in [0, {cap_w:.0f}] W": all(0 <= x <= cap_w for x in p),
+        f"average power {mean_w:.0f} W within the limit {limit_w:.0f} W (+2 %)": mean_w <= 1.02 * limit_w,
+        f"every instant sample in [0, {1.25 * limit_w:.0f}] W": all(0 <= x <= 1.25 * limit_w for x in p),
         "counter vs trapezoid within 5 %": counter_j > 0 and abs(counter_j - trapz_j) / counter_j <= 0.05,
     }
     for name, ok in checks.items():
