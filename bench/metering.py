@@ -39,11 +39,18 @@ FACTORY = str(Path(sys.executable).with_name("factory"))
 MODEL = "smollm2-135m"
 
 
-def _start(work: Path, port: int, metered: bool, tag: str) -> subprocess.Popen:
+def _start(work: Path, port: int, metered: bool, tag: str, scheduler: str = "stock") -> subprocess.Popen:
     cfg = work / f"{tag}.yaml"
     cfg.write_text(
         yaml.safe_dump(
-            {"server": {"port": port}, "telemetry": {"enabled": metered}, "ledger": {"path": str(work / "ledger.db")}}
+            {
+                "server": {"port": port},
+                "telemetry": {"enabled": metered},
+                # vLLM's own scheduling by default, so the on/off ratio is metering's cost alone
+                # (and telemetry.enabled: false does not allow the energy scheduler).
+                "scheduler": {"policy": scheduler},
+                "ledger": {"path": str(work / "ledger.db")},
+            }
         )
     )
     with open(work / f"{tag}.log", "wb") as out:

@@ -146,6 +146,11 @@ class EngineMeter:
         measured one the configured idle figure and no busy figure (the scheduler's curve learns it)."""
         return (self._idle_w, self._max_w) if self.source.source == "modeled" else (self._idle_w, None)
 
+    @property
+    def measured(self) -> bool:
+        """True when power comes from a sensor (its idle figure is then learnt, not configured)."""
+        return self.source.source != "modeled"
+
     def recent_power(self, window_s: float) -> PowerWindow | None:
         """Average power and busy fraction over about the last `window_s`, from the sampler's
         energy-counter readings; None until two readings span part of it."""

@@ -171,10 +171,11 @@ class ReplicaMeter:
             t0, j0, _, p0 = self._history[-2]
         return (j1 - j0) / (t1 - t0), min(1.0, max(0.0, (p1 - p0) / (t1 - t0)))
 
-    def demand_w(self, power_w: float, paused_share: float) -> float:
+    @staticmethod
+    def demand_w(power_w: float, paused_share: float, idle_w: float) -> float:
         """What the replica would draw without its cap: the power above idle scales with the time
         it computes, and the cap's pauses took `paused_share` of the time away from it."""
-        return self.idle_w + max(0.0, power_w - self.idle_w) / max(1.0 - paused_share, MIN_DUTY)
+        return idle_w + max(0.0, power_w - idle_w) / max(1.0 - paused_share, MIN_DUTY)
 
     def power_report(self) -> dict[str, Any] | None:
         """What the governor needs of this replica: power, energy counter (with the time it was
@@ -193,8 +194,8 @@ class ReplicaMeter:
             "time_s": snap["time_s"],
             "source": snap["source"],
             "devices": len(snap["devices"]),
-            "idle_w": self.idle_w,
-            "demand_w": self.demand_w(slow_power_w, paused_share),
+            "idle_w": sched.get("idle_w", self.idle_w),
+            "demand_w": self.demand_w(slow_power_w, paused_share, sched.get("idle_w", self.idle_w)),
             "tokens_per_joule": self.tokens_per_joule() or None,
             "batch_cap": sched.get("batch_cap"),
             "efficient_batch": sched.get("efficient_batch"),

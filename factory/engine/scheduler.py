@@ -52,6 +52,8 @@ STEP_ENERGY_BUCKETS_J = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 OUTPUT_LEN_ALPHA = 0.05
 # What the average is before any request finished (chat answers are mostly shorter).
 OUTPUT_LEN_PRIOR = 256.0
+# How fast a measured board's idle power is learnt, per idle window.
+IDLE_ALPHA = 0.1
 # Admission reserves this much growth of every running request (config scheduler.admission_horizon_tokens).
 DEFAULT_HORIZON_TOKENS = 128
 # Running requests are assumed to grow to this multiple of the average completion (bounded by max_tokens).
@@ -205,6 +207,7 @@ class _EnergyAware(_Metered):
             "step_energy_counts": list(self._step_energy_counts),
             "step_energy_sum_j": self._step_energy_sum_j,
             "paused_s": self._paused_s,
+            "idle_w": self._curve.idle_w,
         }
 
     # -- vLLM hooks -------------------------------------------------------------------------------------
@@ -274,6 +277,10 @@ class _EnergyAware(_Metered):
             if window is not None:
                 busy_w = self._curve.power_w(decision.batch_cap)
                 self._duty.update(cap_w, window.power_w, decision.duty, busy_w, self._curve.idle_w)
+        if self._meter is not None and not self.running and not self.waiting and self._meter.measured:
+            window = self._meter.recent_power(POWER_WINDOW_S)
+            if window is not None and window.busy_fraction == 0.0:  # a measured board's idle power, learnt
+                self._curve.idle_w += IDLE_ALPHA * (window.power_w - self._curve.idle_w)
         if self._meter is not None and self.running:
             window = self._meter.recent_power(POWER_WINDOW_S)
             # Busy power: the power above idle scaled up to computing all the time (pauses and
