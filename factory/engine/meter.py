@@ -164,9 +164,11 @@ class EngineMeter:
         dt = t1 - t0
         return PowerWindow((e1 - e0) / dt, min(1.0, max(0.0, (b1 - b0) / dt)), dt)
 
-    def send_control_ack(self, version: int, sent_at: float, applied_at: float) -> None:
-        """Tell the replica (and through it the governor) when a control message took effect."""
-        self._send({"type": "control_applied", "version": version, "sent_at": sent_at, "applied_at": applied_at})
+    def send_control_ack(self, version: int, sent_at: float, forwarded_at: float | None, applied_at: float) -> None:
+        """Tell the replica (and through it the governor) when a control message took effect:
+        decided by the governor at `sent_at`, passed on by the replica at `forwarded_at`."""
+        self._send({"type": "control_applied", "version": version, "sent_at": sent_at,
+                    "forwarded_at": forwarded_at, "applied_at": applied_at})  # fmt: skip
 
     # -- called by the scheduler (engine thread) ---------------------------------------------
     def on_schedule(self, step_key: int, num_scheduled_tokens: Mapping[str, int], requests: Mapping[str, Any]) -> None:

@@ -40,8 +40,9 @@ log = logging.getLogger("factory.scheduler")
 
 # How often the operating point is recomputed and the duty controller updated (the sampler's pace).
 DECIDE_INTERVAL_S = 0.1
-# The power window the duty controller regulates over.
+# The power window the duty controller regulates over: at least this, about ten steps, at most the max.
 POWER_WINDOW_S = 0.5
+MAX_POWER_WINDOW_S = 2.0
 # Pauses are slept in slices this long, so a new cap (or lifted one) lands mid-pause.
 PAUSE_SLICE_S = 0.02
 # The most pause owed at once, s.
@@ -116,6 +117,7 @@ class _EnergyAware(_Metered):
         self._curve = EnergyCurve.from_profile(profile, max_batch=self._max_seqs, idle_w=idle_w, busy_w=busy_w)
         self._duty = DutyController()
         self._duty_at = 0.0
+        self._cap_set_at = 0.0  # when the power cap last changed
         self._control: dict[str, Any] = {"version": 0, "batch_cap": None, "power_cap_w": None}
         self._decision = self._decide(time.monotonic())
         self._decided_at = 0.0
@@ -176,6 +178,8 @@ class _EnergyAware(_Metered):
     def apply_control(self, msg: dict[str, Any]) -> None:
         """A governor message: {"version", "batch_cap", "power_cap_w", "sent_at"}; absent keys keep
         their value. Takes effect at the next step (or mid-pause)."""
+        if "power_cap_w" in msg and msg["power_cap_w"] != self._control["power_cap_w"]:
+            self._cap_set_at = time.monotonic()
         for key in ("batch_cap", "power_cap_w"):
             if key in msg:
                 self._control[key] = msg[key]
@@ -187,7 +191,7 @@ class _EnergyAware(_Metered):
             self._actuator.apply(self._control["power_cap_w"])
         self._decision = self._decide(time.monotonic())
         if self._meter is not None and "sent_at" in msg:
-            self._meter.send_control_ack(self._control["version"], msg["sent_at"], time.time())
+            self._meter.send_control_ack(self._control["version"], msg["sent_at"], msg.get("forwarded_at"), time.time())
 
     def stats(self) -> dict[str, Any]:
         d = self._decision
@@ -270,10 +274,17 @@ class _EnergyAware(_Metered):
             oldest_wait_s=oldest_wait_s,
         )
         cap_w = self._control["power_cap_w"]
-        # Twice per power window: more often would count one error several times over.
-        if cap_w is not None and self._meter is not None and now - self._duty_at >= POWER_WINDOW_S / 2:
+        # The window holds about ten steps, so that one step more or less in it (a long CPU step is
+        # 100 ms) is not read as a power error; updated twice per window: more often would count
+        # one error several times over.
+        step_s = self._curve.step_s(decision.batch_cap) or 0.0
+        window_s = min(MAX_POWER_WINDOW_S, max(POWER_WINDOW_S, 10 * step_s))
+        # Only windows that lie wholly under the present cap: one reaching back before it would read
+        # the old power as an error and wind the correction up.
+        settled = now - self._cap_set_at >= window_s
+        if cap_w is not None and self._meter is not None and settled and now - self._duty_at >= window_s / 2:
             self._duty_at = now
-            window = self._meter.recent_power(POWER_WINDOW_S)
+            window = self._meter.recent_power(window_s)
             if window is not None:
                 busy_w = self._curve.power_w(decision.batch_cap)
                 self._duty.update(cap_w, window.power_w, decision.duty, busy_w, self._curve.idle_w)

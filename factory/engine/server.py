@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -216,7 +217,12 @@ class FactoryLLMServer(LLMServer):
                 if ctrl.get("version", 0) > self._control["version"]:
                     self._control = ctrl
                     await self._meter.send_control(
-                        {"version": ctrl["version"], "power_cap_w": ctrl["power_cap_w"], "sent_at": ctrl["sent_at"]}
+                        {
+                            "version": ctrl["version"],
+                            "power_cap_w": ctrl["power_cap_w"],
+                            "sent_at": ctrl["sent_at"],
+                            "forwarded_at": time.time(),
+                        }
                     )
                 if report is None:  # the engine has not sampled yet
                     await asyncio.sleep(0.2)

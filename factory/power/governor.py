@@ -120,6 +120,8 @@ class PowerGovernor:
                     "control_version": ctrl.get("version", 0),
                     "applied_version": ack.get("version"),
                     "control_latency_s": ack["applied_at"] - ack["sent_at"] if ack else None,
+                    # of which from the replica's hand-off to the engine's next step
+                    "engine_latency_s": ack["applied_at"] - ack["forwarded_at"] if ack.get("forwarded_at") else None,
                 }
             )
         scopes = self._decision.scopes if self._decision else []
