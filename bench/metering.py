@@ -40,19 +40,15 @@ MODEL = "smollm2-135m"
 
 
 def _start(work: Path, port: int, metered: bool, tag: str, scheduler: str = "stock") -> subprocess.Popen:
+    # vLLM's own scheduling by default, so the on/off ratio is metering's cost alone (and
+    # telemetry.enabled: false does not allow the energy scheduler).
+    return start_factory(work, port, tag, {"telemetry": {"enabled": metered}, "scheduler": {"policy": scheduler}})
+
+
+def start_factory(work: Path, port: int, tag: str, config: dict) -> subprocess.Popen:
+    """`factory serve` on the embedded default plus `config`, with a ledger of its own; returns when ready."""
     cfg = work / f"{tag}.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"port": port},
-                "telemetry": {"enabled": metered},
-                # vLLM's own scheduling by default, so the on/off ratio is metering's cost alone
-                # (and telemetry.enabled: false does not allow the energy scheduler).
-                "scheduler": {"policy": scheduler},
-                "ledger": {"path": str(work / "ledger.db")},
-            }
-        )
-    )
+    cfg.write_text(yaml.safe_dump({"server": {"port": port}, "ledger": {"path": str(work / "ledger.db")}, **config}))
     with open(work / f"{tag}.log", "wb") as out:
         proc = subprocess.Popen(
             [FACTORY, "serve", str(cfg)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True

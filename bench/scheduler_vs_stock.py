@@ -37,11 +37,10 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metering import FACTORY, MODEL, _scrape  # noqa: E402  (sibling scripts)
-from overhead import _load, _one, _stop, _wait_ready  # noqa: E402
+from metering import MODEL, _scrape, start_factory  # noqa: E402  (sibling scripts)
+from overhead import _load, _one, _stop  # noqa: E402
 
 from factory.config import FactoryConfig  # noqa: E402
 
@@ -60,24 +59,8 @@ def _start(work: Path, port: int, policy: str, args: argparse.Namespace, tag: st
     scheduler = {"policy": policy, "slo": {"tpot_ms": args.tpot_ms, "ttft_ms": args.ttft_ms}}
     if policy == "energy":
         scheduler["profile"] = None if args.profile == "null" else args.profile
-    cfg = work / f"{tag}.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"port": port},
-                "auth": "disabled",
-                "telemetry": {"enabled": True, "source": "modeled"},
-                "scheduler": scheduler,
-                "ledger": {"path": str(work / "ledger.db")},
-            }
-        )
-    )
-    with open(work / f"{tag}.log", "wb") as out:
-        proc = subprocess.Popen(
-            [FACTORY, "serve", str(cfg)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    _wait_ready(f"http://127.0.0.1:{port}", proc, "/ready")
-    return proc
+    config = {"auth": "disabled", "telemetry": {"enabled": True, "source": "modeled"}, "scheduler": scheduler}
+    return start_factory(work, port, tag, config)
 
 
 async def _drive(base: str, concurrency: int, duration_s: float, max_tokens: int) -> list[dict]:

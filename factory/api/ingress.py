@@ -207,26 +207,23 @@ class FactoryIngress(DashboardRoutes, AdminRoutes, OpenAiIngress):
         rules = self._admission
         retry_s = int(rules.get("retry_after_s", RETRY_AFTER_S))
         if priority in rules.get("shed", ()):
-            raise APIError(
-                503,
-                f"The power budget is tight and '{priority}' priority requests are paused ({rules.get('reason')}). "
-                f"Retry after {retry_s} s.",
-                code="power_budget_exceeded",
-                headers={"Retry-After": str(retry_s)},
-            )
+            raise _power_refusal(f"'{priority}' priority requests are paused ({rules.get('reason')})", retry_s)
         if priority in rules.get("slowed", ()):
             now = time.monotonic()
             turn = max(now, self._slow_next_s)
             if turn - now > retry_s:
-                raise APIError(
-                    503,
-                    f"The power budget is tight and '{priority}' priority requests are slowed; the queue is full. "
-                    f"Retry after {retry_s} s.",
-                    code="power_budget_exceeded",
-                    headers={"Retry-After": str(retry_s)},
-                )
+                raise _power_refusal(f"'{priority}' priority requests are slowed; the queue is full", retry_s)
             self._slow_next_s = turn + 1.0 / SLOWED_ADMISSIONS_PER_S
             await asyncio.sleep(turn - now)
+
+
+def _power_refusal(why: str, retry_s: int) -> APIError:
+    return APIError(
+        503,
+        f"The power budget is tight and {why}. Retry after {retry_s} s.",
+        code="power_budget_exceeded",
+        headers={"Retry-After": str(retry_s)},
+    )
 
 
 def _with_request_id(response: Response, request_id: str) -> Response:
