@@ -117,6 +117,12 @@ def test_budget_below_draw_holds_within_5_percent_and_recovers(base_url, classes
     assert row["applied_version"] == row["control_version"]
     assert row["control_latency_s"] < 1.0, row  # the cap reached the engine's scheduler
 
+    # The real engine checks every step against the cap in force (batch and admission) and counts
+    # any step over it; the power cap must not have made one.
+    metrics = httpx.get(power_admin.base_url.join("/metrics"), timeout=30).text
+    assert _metric(metrics, "factory_scheduler_cap_violations_total") == 0.0
+    assert _metric(metrics, "factory_batch_cap") >= 1.0
+
     recovered = _window_averages(after, lifted_at + 3.0)
     assert lifted["cap_w"] is None and lifted["duty"] == 1.0, lifted
     assert recovered and min(recovered) > budget_w + 0.2 * (unthrottled_w - budget_w), (
@@ -157,6 +163,12 @@ def test_lowering_the_budget_slows_then_sheds_the_lowest_priority_first(base_url
     assert power_admin.put("/admin/power/budget", json={}).status_code == 200
     _wait_admission(power_admin, "normal", timeout_s=15)
     assert _chat(base_url, classes["low"], max_tokens=4).status_code == 200
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of a one-replica metric in Prometheus text."""
+    (value,) = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+    return value
 
 
 def _wait_admission(power_admin: httpx.Client, name: str, timeout_s: float = 8.0) -> None:
