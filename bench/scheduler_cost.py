@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
 import vllm  # noqa: E402
+from scheduler_vs_stock import cpu_model  # noqa: E402  (sibling script)
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 
@@ -52,13 +53,6 @@ SCENARIOS = {"decode": False, "decode + queue": True}  # name -> requests waitin
 MAX_WARMUP_STEPS = 50
 QUANTILES = ("median", "p90")
 PARTS = ("schedule_us", "step_us")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def warm_driver(cls: type[Scheduler], running: int, steps: int, queue: bool) -> Driver:

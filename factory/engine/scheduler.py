@@ -288,19 +288,23 @@ class _EnergyAware(_Metered):
             if window is not None:
                 busy_w = self._curve.power_w(decision.batch_cap)
                 self._duty.update(cap_w, window.power_w, decision.duty, busy_w, self._curve.idle_w)
-        if self._meter is not None and not self.running and not self.waiting and self._meter.measured:
-            window = self._meter.recent_power(POWER_WINDOW_S)
-            if window is not None and window.busy_fraction == 0.0:  # a measured board's idle power, learnt
-                self._curve.idle_w += IDLE_ALPHA * (window.power_w - self._curve.idle_w)
-        if self._meter is not None and self.running:
-            window = self._meter.recent_power(POWER_WINDOW_S)
-            # Busy power: the power above idle scaled up to computing all the time (pauses and
-            # idle gaps draw about idle power). Only from windows mostly spent computing.
-            if window is not None and window.busy_fraction > 0.3:
-                idle_w = self._curve.idle_w
-                busy_w = idle_w + max(0.0, window.power_w - idle_w) / window.busy_fraction
-                self._curve.observe_power(len(self.running), busy_w)
+        if self._meter is not None:
+            self._learn_power(self._meter.recent_power(POWER_WINDOW_S))
         return decision
+
+    def _learn_power(self, window) -> None:
+        """Idle power of a measured board from windows with nothing to do; busy power from windows
+        mostly spent computing: the power above idle scaled up to computing all the time (pauses
+        and gaps between steps draw about idle power)."""
+        if window is None:
+            return
+        if not self.running:
+            if not self.waiting and self._meter.measured and window.busy_fraction == 0.0:
+                self._curve.idle_w += IDLE_ALPHA * (window.power_w - self._curve.idle_w)
+        elif window.busy_fraction > 0.3:
+            idle_w = self._curve.idle_w
+            busy_w = idle_w + max(0.0, window.power_w - idle_w) / window.busy_fraction
+            self._curve.observe_power(len(self.running), busy_w)
 
     def _apply_limits(self) -> int:
         """Set vLLM's admission and token limits for this step; returns the running cap."""
