@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from factory.bench.cli import add_command as add_bench_command
 from factory.calibrate import add_command as add_calibrate_command
 from factory.config import ConfigError, load_config, with_overrides
 from factory.metering.cli import add_commands as add_metering_commands
 from factory.power.cli import add_command as add_power_command
+from factory.sim.cli import add_command as add_sim_command
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_metering_commands(sub)
     add_calibrate_command(sub)
     add_power_command(sub)
+    add_bench_command(sub)
+    add_sim_command(sub)
     return p
 
 
