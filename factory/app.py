@@ -27,8 +27,7 @@ from factory.metering.ledger import default_ledger_path
 from factory.metering.service import LedgerService
 from factory.models import ResolvedModel
 from factory.power.governor import PowerGovernor
-
-ROUTING_STATS_PERIOD_S = 0.5
+from factory.routing.stats import ROUTING_STATS_PERIOD_S
 
 
 def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:

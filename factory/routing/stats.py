@@ -16,6 +16,8 @@ from prometheus_client.metrics_core import Metric
 from factory.policy.routing import ReplicaView
 
 QUEUE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+# How often Serve polls each replica for these stats (request_routing_stats_period_s).
+ROUTING_STATS_PERIOD_S = 0.5
 
 
 def queue_lengths(families: Iterable[Metric]) -> tuple[int, int]:
