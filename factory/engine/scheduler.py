@@ -318,11 +318,17 @@ class _EnergyAware(_Metered):
             # Over the cap after it was lowered: no admissions, and a step of `cap` tokens carries
             # at most `cap` requests; the rest wait for the running ones to finish.
             self.max_num_scheduled_tokens = cap
-        elif self._chunked:
+        elif self._chunked and self._decoding():
             self.max_num_scheduled_tokens = min(self._max_tokens, max(self._decision.token_budget, cap))
-        else:  # without chunked prefill a prompt must fit one step: keep vLLM's budget
+        else:  # no prefill limit: nothing decodes whose TPOT it would protect, or no chunked prefill
             self.max_num_scheduled_tokens = self._max_tokens
         return cap
+
+    def _decoding(self) -> bool:
+        """Whether a running request is past its prompt: the token budget keeps a step within TPOT
+        for those; with none (an idle engine taking a prompt) a smaller chunk only delays the
+        first token. Stops at the first decoding request, almost always the first one."""
+        return any(r.num_computed_tokens >= r.num_prompt_tokens for r in self.running)
 
     def _admissible(self, slots: int) -> int:
         """How many waiting requests, in queue order, fit the KV cache with room to grow."""

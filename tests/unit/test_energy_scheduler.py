@@ -8,6 +8,7 @@ or the FACTORY_SCHEDULER config.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -15,6 +16,7 @@ import pytest
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from factory.config import AUTO_PROFILE_CPU as CPU_PROFILE
 from factory.engine.meter import METER_ENV, SCHEDULER_ENV
 from factory.engine.scheduler import AsyncEnergyAwareScheduler, EnergyAwareScheduler
 from tests.scheduler_harness import Driver, StepRecord, make_request, make_scheduler
@@ -216,3 +218,22 @@ def test_runs_with_defaults_when_no_meter_or_scheduler_config_is_set(cls):
     assert stats["max_batch_seen"] == most_scheduled == 32
     assert stats["steps"] > 0
     assert stats["cap_violations"] == 0
+
+
+@pytest.mark.parametrize("cls", OURS)
+def test_prefill_chunks_are_limited_only_while_some_request_decodes(cls, monkeypatch):
+    """The token budget keeps a decode step within the TPOT target. With nothing decoding it
+    protects nobody, so a lone prompt is computed in one step (its TTFT is not stretched); once a
+    request decodes, a second long prompt is chunked to the budget."""
+    monkeypatch.setenv(SCHEDULER_ENV, json.dumps({"slo": {"tpot_s": 0.05}, "profile": str(CPU_PROFILE)}))
+    scheduler = make_scheduler(cls, max_num_seqs=8, max_num_batched_tokens=2048, num_gpu_blocks=20_000)
+    budget = scheduler._decision.token_budget  # the policy's budget (stats show the one in force)
+    assert budget < 600, "the SLO and profile must make the budget bind for this test to mean anything"
+    driver = Driver(scheduler)
+    driver.add([make_request("first", 1200, 40)])
+    records = []
+    driver.run(3, on_step=lambda step, record: records.append(record))
+    assert records[0].num_scheduled_tokens == 1200  # the whole prompt at once: nothing decodes yet
+    driver.add([make_request("second", 1200, 5)])
+    driver.run(3, on_step=lambda step, record: records.append(record))
+    assert max(r.num_scheduled_tokens for r in records[3:]) <= max(budget, 8)
