@@ -2,7 +2,7 @@
 
 Times are seconds relative to the level's t0 (`_s`); a RECORD's `chunk_s` are relative to its own
 `t_send_s`. Energy counters are joules (`_j`), power watts (`_w`), tokens `_tok`. The dict shapes
-(RECORD, LEVEL, DIST, AGG) are the result.json contract in docs/bench-brief.md.
+(RECORD, LEVEL, DIST, AGG) are the result.json contract in docs/result-schema.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """result.json: the schema id, a new empty result, the environment it ran in, save, load, validate.
 
-A result is a plain JSON-friendly dict (docs/bench-brief.md gives its shape) so that report,
+A result is a plain JSON-friendly dict (docs/result-schema.md documents it field by field) so that report,
 compare and sim read it without importing the code that wrote it.
 """
 

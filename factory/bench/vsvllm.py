@@ -11,6 +11,7 @@ counter (stock vLLM has none, so the figures would not compare).
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 import signal
@@ -123,6 +124,7 @@ def vs_vllm(cfg: BenchConfig, *, model_name: str, port: int, config_path: str | 
     """Runs the load against stock vLLM, then the factory; writes OUT/{stock,factory}/ and OUT/comparison.*."""
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per readiness probe otherwise
     base = f"http://127.0.0.1:{port}"
     gpu = _gpu_node()
     stock_cmd, served = _stock_cmd(config_path, model_name, port, gpu)

@@ -1,4 +1,4 @@
-"""A simulator run as a bench result (docs/bench-brief.md: "kind": "sim", every figure simulated),
+"""A simulator run as a bench result (docs/result-schema.md: "kind": "sim", every figure simulated),
 and its one-screen summaries.
 
 The AGG is computed here from the run's arrays rather than by metrics.aggregate over RECORDs:

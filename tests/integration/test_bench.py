@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_MODEL
+from tests.support import free_port, write_config
 
 pytestmark = pytest.mark.stack
 
@@ -102,3 +103,33 @@ def test_a_refused_key_an_unknown_model_and_bad_arguments_get_one_clear_line(bas
     unreachable = _bench("run", "--url", "http://127.0.0.1:9", "--model", TINY_MODEL, *common)
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
     assert not (tmp_path / "result.json").exists()
+
+
+def test_vs_vllm_runs_stock_vllm_then_the_factory_and_writes_one_comparison(tiny_model_dir, tmp_path):
+    """The whole side-by-side on the tiny model: stock vLLM's OpenAI server from this install, then
+    `factory serve`, the same load, energy from the same (process-tree) model, ratios factory/stock."""
+    config = write_config(
+        tmp_path / "tiny.yaml",
+        port=free_port(),
+        models=[{"name": TINY_MODEL, "source": str(tiny_model_dir), "max_model_len": 512, "max_num_seqs": 8}],
+    )
+    out = tmp_path / "vs"
+    done = _bench(
+        "vs-vllm", "--config", str(config), "--model", TINY_MODEL, "--port", str(free_port()),
+        "--concurrency", "2", "--num-requests", "6", "--input-len", "16", "--output-len", "8",
+        "--energy", "process", "--quiet", "--out", str(out),
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads((out / "comparison.json").read_text())
+    assert table["labels"] == {"a": "stock", "b": "factory"}
+    rows = {row["metric"]: row for row in table["rows"]}
+    for metric in ("output_tok_s", "j_per_tok (whole)"):
+        assert rows[metric]["a"] > 0 and rows[metric]["b"] > 0
+        assert rows[metric]["ratio"] == pytest.approx(rows[metric]["b"] / rows[metric]["a"])
+    for side in ("stock", "factory"):
+        result = json.loads((out / side / "result.json").read_text())
+        level = result["levels"][0]
+        assert level["energy_source"] == "process:modeled" and level["aggregates"]["completed"] == 6
+        assert all(rec["n_out"] == 8 for rec in level["requests"])
+    assert (out / "report.html").exists() and "stock" in done.stdout
