@@ -43,7 +43,7 @@ def request_body(model: str, req: BenchRequest, extra_body: dict | None = None) 
     return json.dumps(body).encode()
 
 
-def _error_message(text: str) -> str:
+def error_message(text: str) -> str:
     """The message of an OpenAI-shaped error body, else the start of the body itself."""
     try:
         doc = json.loads(text)
@@ -86,7 +86,7 @@ async def send(
             status = resp.status
             if status // 100 != 2:
                 text = await resp.text(errors="replace")
-                return None, _failure(req, t_send - t0, f"HTTP {status}: {_error_message(text)}", status)
+                return None, _failure(req, t_send - t0, f"HTTP {status}: {error_message(text)}", status)
             usage, done = await _read_stream(resp, arrivals)
     except _StreamFailed as err:
         return None, _failure(req, t_send - t0, str(err), status)
@@ -134,7 +134,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, arrivals: list[float]) -> t
             if not isinstance(event, dict):
                 raise _StreamFailed(f"bad SSE data: {payload[:200]!r}")
             if event.get("error"):
-                raise _StreamFailed(f"error in stream: {_error_message(json.dumps(event))}")
+                raise _StreamFailed(f"error in stream: {error_message(json.dumps(event))}")
             choices = event.get("choices")
             if choices:
                 delta = choices[0].get("delta")

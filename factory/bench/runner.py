@@ -8,7 +8,6 @@ result.json (factory/bench/schema.py) and report.html (factory/bench/report.py) 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from factory.bench import metrics, schema
+from factory.bench.client import error_message
 from factory.bench.datasets import build_requests, parse_dataset
 from factory.bench.energy import make_meter
 from factory.bench.load import LoadSpec, run_level
@@ -89,20 +89,12 @@ async def check_server(url: str, model: str, api_key: str | None) -> None:
                 if r.status in (401, 403):
                     raise BenchError(f"{url} refused the API key (HTTP {r.status}): pass a valid one with --api-key")
                 if r.status != 200:
-                    why = _error_message(await r.text())
+                    why = error_message(await r.text())
                     raise BenchError(f"a one-token probe request failed: HTTP {r.status}: {why}")
     except aiohttp.ClientError as err:
         raise BenchError(f"cannot reach {url}: {err}") from err
     except asyncio.TimeoutError as err:
         raise BenchError(f"{url} did not answer within 120 s") from err
-
-
-def _error_message(body: str) -> str:
-    """The message of an OpenAI-shaped error body, else the body's start."""
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return body[:200]
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -158,7 +150,11 @@ def _run_one(cfg: BenchConfig, spec: LoadSpec, meter, prices: dict, progress) ->
         warm = build_requests(parse_dataset("random"), cfg.warmup, cfg.seed + 1, input_len="32", output_len="8")
         _arun(_level(cfg, warm, LoadSpec("concurrency", float(min(cfg.warmup, 4)))))
     progress.start_level(level_label(load), len(requests), meter.source)
-    run = _arun(_level(cfg, requests, spec, progress.on_result, progress.on_send))
+    def on_result(record, failure) -> None:
+        progress.on_result(record, failure)
+        progress.set_power(meter.latest_power_w())  # the display shows the meter's latest reading
+
+    run = _arun(_level(cfg, requests, spec, on_result, progress.on_send))
     progress.end_level()
     meter.settle()
     level: dict[str, Any] = {
