@@ -39,6 +39,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--gpus", type=int, help="GPUs the server uses, for the cost (default: those the energy source sees)"
     )
     p.add_argument("--warmup", type=int, default=2, help="unrecorded requests before each level (default 2)")
+    p.add_argument(
+        "--tokenizer",
+        help="model dir or Hugging Face id: counts output tokens when a server sends no usage (else chunks count)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no live progress display")
 
@@ -134,6 +138,7 @@ def _bench_config(args: argparse.Namespace, out_dir: Path, **extra):
         seed=args.seed,
         warmup=args.warmup,
         progress=not args.quiet,
+        tokenizer=args.tokenizer,
         **extra,
     )
 

@@ -7,9 +7,9 @@ Timing rules this module keeps (each avoids a known trap):
 - TTFT/E2E use content chunks only (non-empty `choices[0].delta.content`); the usage chunk and
   `[DONE]` do not count.
 - N_out is the server's `usage.completion_tokens` (asked with stream_options.include_usage).
-  Without usage the client has no tokenizer, so it counts content chunks and says so with
-  n_out_source "chunks"; the report flags that source as a possible mismatch. It never uses
-  max_tokens as N_out (n_out_expected carries it, only to report mismatches).
+  Without usage the record counts content chunks (n_out_source "chunks") and keeps the answer's
+  text, which the runner retokenises with `--tokenizer` when given (factory/bench/retokenise.py).
+  It never uses max_tokens as N_out (n_out_expected carries it, only to report mismatches).
 
 A request that fails (non-2xx, connection error, timeout, an error inside the stream, a stream
 with no content or one that ends before `[DONE]`) is a FAILURE dict; send() never raises for it.
@@ -79,6 +79,7 @@ async def send(
     endpoint = url.rstrip("/") + "/v1/chat/completions"
     status: int | None = None
     arrivals: list[float] = []
+    pieces: list[str] = []  # the answer's text, kept only for retokenising when usage is missing
     usage: dict | None = None
     t_send = time.perf_counter()
     try:
@@ -87,7 +88,7 @@ async def send(
             if status // 100 != 2:
                 text = await resp.text(errors="replace")
                 return None, _failure(req, t_send - t0, f"HTTP {status}: {error_message(text)}", status)
-            usage, done = await _read_stream(resp, arrivals)
+            usage, done = await _read_stream(resp, arrivals, pieces)
     except _StreamFailed as err:
         return None, _failure(req, t_send - t0, str(err), status)
     except (asyncio.TimeoutError, TimeoutError):
@@ -99,7 +100,7 @@ async def send(
     if not done:
         return None, _failure(req, t_send - t0, f"stream ended before [DONE] after {len(arrivals)} chunks", status)
     has_usage = usage is not None and usage.get("completion_tokens") is not None
-    return {
+    record = {
         "index": req.index,
         "t_send_s": t_send - t0,
         "chunk_s": [t - t_send for t in arrivals],
@@ -107,11 +108,16 @@ async def send(
         "n_out": int(usage["completion_tokens"]) if has_usage else len(arrivals),
         "n_out_source": "usage" if has_usage else "chunks",
         "n_out_expected": req.max_tokens,
-    }, None
+    }
+    if not has_usage:
+        record["text"] = "".join(pieces)  # the runner retokenises it (then drops it) when it has a tokenizer
+    return record, None
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, arrivals: list[float]) -> tuple[dict | None, bool]:
-    """Reads SSE to the end; appends each content chunk's arrival time. -> (usage, saw [DONE])."""
+async def _read_stream(
+    resp: aiohttp.ClientResponse, arrivals: list[float], pieces: list[str]
+) -> tuple[dict | None, bool]:
+    """Reads SSE to the end; appends each content chunk's arrival time and text. -> (usage, saw [DONE])."""
     usage, done, buf = None, False, b""
     async for data in resp.content.iter_any():
         now = time.perf_counter()  # before any parsing: the arrival of every line this read completes
@@ -138,8 +144,10 @@ async def _read_stream(resp: aiohttp.ClientResponse, arrivals: list[float]) -> t
             choices = event.get("choices")
             if choices:
                 delta = choices[0].get("delta")
-                if delta and delta.get("content"):
+                content = delta.get("content") if delta else None
+                if content:
                     arrivals.append(now)
+                    pieces.append(content)
             if event.get("usage"):
                 usage = event["usage"]
     return usage, done

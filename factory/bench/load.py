@@ -13,6 +13,7 @@ Installing uvloop is the caller's business.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -141,7 +142,8 @@ async def run_level(
                 on_result(record, failure)
 
         if load.mode == "concurrency":
-            queue = iter(requests)
+            # With a duration the dataset repeats if it runs out first (a fast server, a small file).
+            queue = iter(requests) if duration_s is None else itertools.cycle(requests)
 
             async def worker() -> None:
                 for req in queue:  # shared iterator: each request goes to exactly one worker

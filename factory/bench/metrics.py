@@ -15,8 +15,8 @@ DEFINITIONS: list[str] = [
     "t_send: monotonic clock read immediately before the request is sent.",
     "TTFT = arrival of the first streamed chunk with non-empty content - t_send.",
     "E2E latency = arrival of the last content chunk - t_send (the usage chunk and [DONE] do not count).",
-    "N_out = the server's usage.completion_tokens; if absent, a retokenised count (mismatches reported); "
-    "never max_tokens.",
+    "N_out = the server's usage.completion_tokens; if absent, the answer retokenised with --tokenizer "
+    "(else its content chunks counted), the source kept per request; never max_tokens.",
     "TPOT (per request) = (E2E - TTFT) / (N_out - 1), only for N_out >= 2.",
     "ITL = the gaps between consecutive content chunks, pooled over requests (never includes TTFT).",
     "Duration T = last response received - first request sent (failed requests included).",

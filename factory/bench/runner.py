@@ -24,6 +24,7 @@ from factory.bench.energy import make_meter
 from factory.bench.load import LoadSpec, run_level
 from factory.bench.progress import LiveProgress
 from factory.bench.report import write_report
+from factory.bench.retokenise import TokenizerError, load_tokenizer, retokenise
 from factory.bench.schema import level_label
 
 try:  # uvloop's event loop costs the client less CPU per streamed chunk than asyncio's
@@ -56,6 +57,7 @@ class BenchConfig:
     label: str = "run"
     progress: bool = True
     meter: Any = None  # an energy meter built by the caller (vs-vllm's process model); None = make_meter(energy)
+    tokenizer: str | None = None  # counts N_out when a server sends no usage (factory/bench/retokenise.py)
 
 
 def _requests_for(cfg: BenchConfig, spec: LoadSpec) -> int | None:
@@ -65,8 +67,9 @@ def _requests_for(cfg: BenchConfig, spec: LoadSpec) -> int | None:
     duration = cfg.duration_s or 60.0
     if spec.mode == "rate" and not math.isinf(spec.value):
         return int(spec.value * duration * 1.5) + 16
-    # Concurrency (or rate inf): a generous bound; the duration stops sending first.
-    return min(20_000, int((spec.value if spec.mode == "concurrency" else 64) * max(duration, 20) * 2))
+    # Concurrency (or rate inf): distinct prompts for ~20 requests per worker-second (more than
+    # any server here sustains); with a duration the load repeats the list if a server is faster.
+    return min(20_000, int((spec.value if spec.mode == "concurrency" else 64) * duration * 20))
 
 
 async def check_server(url: str, model: str, api_key: str | None) -> None:
@@ -99,6 +102,10 @@ async def check_server(url: str, model: str, api_key: str | None) -> None:
 
 def run_bench(cfg: BenchConfig) -> dict:
     """Runs every level and writes result.json and report.html; returns the result."""
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    except TokenizerError as err:
+        raise BenchError(str(err)) from err
     asyncio.run(check_server(cfg.url, cfg.model, cfg.api_key))
     meter = cfg.meter or make_meter(cfg.energy, cfg.url, cfg.api_key)
     prices = {"pue": 1.0, **cfg.prices}
@@ -121,6 +128,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "prices": prices,
         "seed": cfg.seed,
         "warmup": cfg.warmup,
+        "tokenizer": cfg.tokenizer,
     }
     result = schema.new_result("run", cfg.label, config, schema.environment())
     result["definitions"] = metrics.DEFINITIONS
@@ -128,7 +136,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     try:
         with LiveProgress(enabled=cfg.progress and sys.stderr.isatty()) as progress:
             for spec in cfg.levels:
-                result["levels"].append(_run_one(cfg, spec, meter, prices, progress))
+                result["levels"].append(_run_one(cfg, spec, meter, prices, progress, tokenizer))
     finally:
         meter.stop()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +145,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     return result
 
 
-def _run_one(cfg: BenchConfig, spec: LoadSpec, meter, prices: dict, progress) -> dict:
+def _run_one(cfg: BenchConfig, spec: LoadSpec, meter, prices: dict, progress, tokenizer) -> dict:
     load = spec.to_dict()
     requests = build_requests(
         parse_dataset(cfg.dataset),
@@ -150,6 +158,7 @@ def _run_one(cfg: BenchConfig, spec: LoadSpec, meter, prices: dict, progress) ->
         warm = build_requests(parse_dataset("random"), cfg.warmup, cfg.seed + 1, input_len="32", output_len="8")
         _arun(_level(cfg, warm, LoadSpec("concurrency", float(min(cfg.warmup, 4)))))
     progress.start_level(level_label(load), len(requests), meter.source)
+
     def on_result(record, failure) -> None:
         progress.on_result(record, failure)
         progress.set_power(meter.latest_power_w())  # the display shows the meter's latest reading
@@ -157,6 +166,7 @@ def _run_one(cfg: BenchConfig, spec: LoadSpec, meter, prices: dict, progress) ->
     run = _arun(_level(cfg, requests, spec, on_result, progress.on_send))
     progress.end_level()
     meter.settle()
+    retokenise(run.records, tokenizer)
     level: dict[str, Any] = {
         "load": load,
         "t0_unix": run.t0_unix,

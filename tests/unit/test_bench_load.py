@@ -213,6 +213,7 @@ def test_stream_split_across_reads_without_usage_counts_chunks_and_says_so():
     record, failure = asyncio.run(main())
     assert failure is None
     assert record["n_out"] == 2 and record["n_out_source"] == "chunks" and record["n_in"] is None
+    assert record["text"] == " a a"  # kept for retokenising (factory/bench/retokenise.py)
     assert record["chunk_s"][1] - record["chunk_s"][0] >= 0.005  # each line timed by the read that completed it
 
 
