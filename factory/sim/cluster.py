@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from factory.bench.tracefile import CLASSES
+from factory.config import SchedulerConfig
 from factory.policy.batch import BatchDecision, EnergyCurve, Slo, choose_batch
 from factory.policy.profile import EnergyProfile
 from factory.policy.throttle import Budgets, ReplicaPower, ThrottlePolicy
@@ -31,7 +32,8 @@ from factory.sim.route import FleetRouter, replica_ids
 from factory.sim.workload import Workload
 
 POLICIES = ("stock", "factory")
-HORIZON_TOKENS = 128  # the factory scheduler's admission_horizon_tokens default
+# The runtime scheduler's admission horizon, from the one place its default is declared.
+HORIZON_TOKENS = SchedulerConfig.model_fields["admission_horizon_tokens"].default
 MAX_CACHED_ANSWERS = 4096  # choose_batch answers kept (keyed by their exact inputs)
 
 

@@ -116,6 +116,16 @@ def test_duration_stops_sending_and_in_flight_requests_still_count():
     assert max(r["t_send_s"] for r in run.records) < 0.3
 
 
+async def _start_misbehaving() -> tuple[web.AppRunner, str]:
+    """The misbehaving server on an ephemeral loopback port; (runner to clean up, base URL)."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _misbehaving)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
 async def _misbehaving(request: web.Request) -> web.StreamResponse:
     """The request's model says how to fail."""
     how = (await request.json())["model"]
@@ -160,12 +170,7 @@ async def _misbehaving(request: web.Request) -> web.StreamResponse:
 )
 def test_each_failure_becomes_a_failure_dict_not_an_exception(how, error, status):
     async def main():
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", _misbehaving)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        runner, url = await _start_misbehaving()
         try:
             reqs = _requests(3)
             return await run_level(
@@ -191,17 +196,13 @@ def test_each_failure_becomes_a_failure_dict_not_an_exception(how, error, status
 
 def test_stream_split_across_reads_without_usage_counts_chunks_and_says_so():
     async def main():
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", _misbehaving)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runner, url = await _start_misbehaving()
         try:
             async with aiohttp.ClientSession() as session:
                 t0 = time.perf_counter()
                 return await send(
                     session,
-                    f"http://127.0.0.1:{runner.addresses[0][1]}",
+                    url,
                     "no-usage",
                     _requests(1)[0],
                     api_key=None,
