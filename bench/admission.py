@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 
-from factory.engine.meter import METER_ENV, SCHEDULER_ENV  # noqa: E402
+from factory.engine.wire import METER_ENV, SCHEDULER_ENV  # noqa: E402
 from factory.engine.scheduler import EnergyAwareScheduler  # noqa: E402
 from factory.policy.profile import load_profile  # noqa: E402
 from tests.scheduler_harness import Driver, make_request, make_scheduler  # noqa: E402

@@ -107,11 +107,14 @@ def _engine_meter_step_us(batch: int = 16, steps: int = 3000) -> float:
     import zmq
 
     from factory.engine.meter import XARG_REQUEST, XARG_TENANT, EngineMeter
+    from factory.engine.wire import MeterSettings
 
     endpoint = f"ipc://{tempfile.gettempdir()}/factory-bench-meter-{os.getpid()}"
     pull = zmq.Context.instance().socket(zmq.PULL)
     pull.bind(endpoint)
-    meter = EngineMeter({"endpoint": endpoint, "source": "modeled", "idle_w": 40, "max_w": 120})
+    meter = EngineMeter(
+        MeterSettings(endpoint=endpoint, source="modeled", interval_s=0.1, idle_w=40, max_w=120, prefill_weight=0.3)
+    )
     reqs = {
         f"r{i}": SimpleNamespace(
             request_id=f"r{i}",

@@ -40,7 +40,7 @@ from scheduler_vs_stock import cpu_model  # noqa: E402  (sibling script)
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 
-from factory.engine.meter import METER_ENV, SCHEDULER_ENV  # noqa: E402
+from factory.engine.wire import METER_ENV, SCHEDULER_ENV  # noqa: E402
 from factory.engine.scheduler import AsyncEnergyAwareScheduler, EnergyAwareScheduler  # noqa: E402
 from tests.scheduler_harness import BLOCK_SIZE, Driver, make_request, make_scheduler  # noqa: E402
 

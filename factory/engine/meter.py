@@ -6,17 +6,17 @@ meter owns the replica's power source and its ~100 ms sampler, feeds readings an
 boundaries to the attribution policy, and pushes two kinds of message to the replica process
 over a ZeroMQ socket:
 
-- `final`: one per request when it finishes or is aborted: energy, busy time, tokens, status;
-- `snapshot`: every sample: cumulative energy per device, idle and per-tenant attributed energy,
+- `Final`: one per request when it finishes or is aborted: energy, busy time, tokens, status;
+- `Snapshot`: every sample: cumulative energy per device, idle and per-tenant attributed energy,
   per-tenant tokens, power facts. The replica turns these into Prometheus metrics.
 
-Configured by the replica through the `FACTORY_METER` environment variable (JSON), which the
-EngineCore process inherits when vLLM starts it.
+Both are typed structs of factory/engine/wire.py. Configured by the replica through the
+`FACTORY_METER` environment variable (wire.MeterSettings), which the EngineCore process inherits
+when vLLM starts it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -28,16 +28,24 @@ from typing import Any
 
 import zmq
 
+from factory.engine.wire import (
+    METER_ENV,
+    ControlApplied,
+    DeviceReading,
+    Final,
+    MeterSettings,
+    SchedulerStats,
+    Snapshot,
+    encode,
+    meter_settings,
+)
 from factory.policy.attribution import EnergyAttributor, StepWork
 from factory.telemetry.sampler import PowerSampler
 from factory.telemetry.sources import PowerReading, select_power_source
 
 log = logging.getLogger("factory.meter")
 
-METER_ENV = "FACTORY_METER"
-# The energy-aware scheduler's settings (factory/engine/scheduler.py), JSON, set by the replica too.
-SCHEDULER_ENV = "FACTORY_SCHEDULER"
-# vllm_xargs keys the ingress stamps on every request (they reach the engine as extra_args).
+# Keys of the stamps the replica puts on every engine request (they reach the engine as extra_args).
 XARG_REQUEST = "factory_request"
 XARG_TENANT = "factory_tenant"
 XARG_PRIORITY = "factory_priority"
@@ -83,24 +91,24 @@ class PowerWindow:
 class EngineMeter:
     """Power source + sampler + attribution + the channel to the replica, for one engine."""
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: MeterSettings):
         self._lock = threading.Lock()
         self._busy_done_s = 0.0
         self._step_open_at: float | None = None
-        kind = cfg.get("source", "auto")
+        kind = cfg.source
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible == "" and kind == "auto":  # no GPU was given to this replica: no board is ours to read
             kind = "modeled"
         self.source = select_power_source(
             kind,
-            idle_w=float(cfg["idle_w"]),
-            max_w=float(cfg["max_w"]),
+            idle_w=cfg.idle_w,
+            max_w=cfg.max_w,
             busy_s=self.busy_s,
             cuda_visible_devices=visible,
         )
         # The modeled source's idle power is exact; a measured one's is learnt while idle.
-        idle_w = float(cfg["idle_w"]) if self.source.source == "modeled" else None
-        self._attr = EnergyAttributor(prefill_weight=float(cfg.get("prefill_weight", 0.3)), idle_power_w=idle_w)
+        idle_w = cfg.idle_w if self.source.source == "modeled" else None
+        self._attr = EnergyAttributor(prefill_weight=cfg.prefill_weight, idle_power_w=idle_w)
         self._pending: deque[tuple[int, dict[str, StepWork]]] = deque()  # (step key, work)
         self._tracked: dict[str, _Tracked] = {}
         self._finished: dict[str, str] = {}  # engine id -> tenant, bounded
@@ -113,16 +121,15 @@ class EngineMeter:
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
-        self._sock.connect(cfg["endpoint"])
-        self._idle_w, self._max_w = float(cfg["idle_w"]), float(cfg["max_w"])
-        slo = cfg.get("slo") or {}
-        self._slo_ttft_s, self._slo_tpot_s = slo.get("ttft_s"), slo.get("tpot_s")
+        self._sock.connect(cfg.endpoint)
+        self._idle_w, self._max_w = cfg.idle_w, cfg.max_w
+        self._slo_ttft_s, self._slo_tpot_s = cfg.slo_ttft_s, cfg.slo_tpot_s
         self._slo_met: deque[tuple[bool, bool]] = deque(maxlen=_SLO_WINDOW)  # (ttft met, tpot met)
         self._window: deque[tuple[float, float, float]] = deque(maxlen=_WINDOW_READINGS)  # (t, J, busy s)
         # The scheduler's own stats ride on each snapshot (set by the energy-aware scheduler).
-        self.scheduler_stats: Callable[[], dict[str, Any]] | None = None
+        self.scheduler_stats: Callable[[], SchedulerStats] | None = None
         self._observe_locked(time.monotonic(), self.source.energy_mj())
-        self._sampler = PowerSampler(self.source, self._on_readings, interval_s=float(cfg.get("interval_s", 0.1)))
+        self._sampler = PowerSampler(self.source, self._on_readings, interval_s=cfg.interval_s)
         self._sampler.start()
         log.info("engine meter on: source %s, devices %s", self.source.source, ", ".join(self.source.devices))
 
@@ -132,7 +139,7 @@ class EngineMeter:
         if not raw:
             return None
         _log_through_vllm()
-        return cls(json.loads(raw))
+        return cls(meter_settings(raw))
 
     # -- the engine's busy clock (the modeled source's input) -------------------------------
     def busy_s(self) -> float:
@@ -167,8 +174,7 @@ class EngineMeter:
     def send_control_ack(self, version: int, sent_at: float, forwarded_at: float | None, applied_at: float) -> None:
         """Tell the replica (and through it the governor) when a control message took effect:
         decided by the governor at `sent_at`, passed on by the replica at `forwarded_at`."""
-        self._send({"type": "control_applied", "version": version, "sent_at": sent_at,
-                    "forwarded_at": forwarded_at, "applied_at": applied_at})  # fmt: skip
+        self._send(ControlApplied(version, sent_at, forwarded_at, applied_at))
 
     # -- called by the scheduler (engine thread) ---------------------------------------------
     def on_schedule(self, step_key: int, num_scheduled_tokens: Mapping[str, int], requests: Mapping[str, Any]) -> None:
@@ -277,20 +283,19 @@ class EngineMeter:
             if len(self._finished) > _RECENT_FINISHED:
                 self._finished.pop(next(iter(self._finished)))
             self._send(
-                {
-                    "type": "final",
-                    "request": t.key,
-                    "engine_request": rid,
-                    "tenant": t.tenant,
-                    "status": status,
-                    "energy_j": energy_j,
-                    "busy_s": busy_s,
-                    "prompt_tokens": t.prompt_tok,
-                    "completion_tokens": t.output_tok,
-                    "source": self.source.source,
-                    "ttft_s": ttft_s,
-                    "tpot_s": tpot_s,
-                }
+                Final(
+                    request=t.key,
+                    engine_request=rid,
+                    tenant=t.tenant,
+                    status=status,
+                    energy_j=energy_j,
+                    busy_s=busy_s,
+                    prompt_tokens=t.prompt_tok,
+                    completion_tokens=t.output_tok,
+                    source=self.source.source,
+                    ttft_s=ttft_s,
+                    tpot_s=tpot_s,
+                )
             )
 
     def _latency(self, t: _Tracked, now_s: float) -> tuple[float | None, float | None]:
@@ -328,40 +333,42 @@ class EngineMeter:
                 self._observe_locked(t_s, energy_mj)
             self._window.append((t_s, energy_mj / 1000.0, self.busy_s()))
             totals = self._attr.totals
-            snapshot = {
-                "type": "snapshot",
-                "source": self.source.source,
-                "devices": [
-                    {
-                        "device": r.device,
-                        "energy_j": r.energy_mj / 1000.0,
-                        "power_w": r.power_w,
-                        "power_limit_w": r.power_limit_w,
-                        "sm_clock_mhz": r.sm_clock_mhz,
-                        "temperature_c": r.temperature_c,
-                        "utilization_pct": r.utilization_pct,
-                        "mig": r.mig,
-                    }
-                    for r in readings
-                ],
-                "observed_j": totals.observed_j,
-                "idle_j": totals.idle_j,
-                "attributed_j": dict(self._attributed_j),
-                "tokens": {k: list(v) for k, v in self._tokens.items()},
-                "busy_s": self.busy_s(),
-                "running": len(self._tracked),
-                "slo_attainment": self.slo_attainment(),
-                "slo": {"ttft_s": self._slo_ttft_s, "tpot_s": self._slo_tpot_s},
-                "time_s": time.time(),
-            }
+            devices = tuple(
+                DeviceReading(
+                    device=r.device,
+                    energy_j=r.energy_mj / 1000.0,
+                    power_w=r.power_w,
+                    power_limit_w=r.power_limit_w,
+                    sm_clock_mhz=r.sm_clock_mhz,
+                    temperature_c=r.temperature_c,
+                    utilization_pct=r.utilization_pct,
+                    mig=bool(r.mig),
+                )
+                for r in readings
+            )
+            observed_j, idle_j = totals.observed_j, totals.idle_j
+            attributed = dict(self._attributed_j)
+            tokens = {k: (v[0], v[1]) for k, v in self._tokens.items()}
+            running = len(self._tracked)
         stats = self.scheduler_stats
-        if stats is not None:
-            snapshot["scheduler"] = stats()
+        snapshot = Snapshot(
+            source=self.source.source,
+            devices=devices,
+            observed_j=observed_j,
+            idle_j=idle_j,
+            attributed_j=attributed,
+            tokens=tokens,
+            busy_s=self.busy_s(),
+            running=running,
+            time_s=time.time(),
+            slo_attainment=self.slo_attainment(),
+            scheduler=stats() if stats is not None else None,
+        )
         self._send(snapshot)
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: Final | Snapshot | ControlApplied) -> None:
         try:
             with self._sock_lock:
-                self._sock.send(json.dumps(msg).encode(), zmq.NOBLOCK)
+                self._sock.send(encode(msg), zmq.NOBLOCK)
         except zmq.ZMQError as err:  # replica gone or not keeping up: metering must not stop the engine
             log.warning("meter message dropped: %s", err)

@@ -1,15 +1,15 @@
 """The replica side of metering: receives the engine meter's messages and serves them.
 
-The engine meter (factory/engine/meter.py, inside vLLM's EngineCore process) pushes one `final`
-message per request and a `snapshot` every sample over a ZeroMQ IPC socket that this object
-binds. Requests wait here for their `final` (energy, tokens) before their usage is settled and
-sent; snapshots become the replica's `factory_*` Prometheus families.
+The engine meter (factory/engine/meter.py, inside vLLM's EngineCore process) pushes one `Final`
+per request and a `Snapshot` every sample (factory/engine/wire.py) over a ZeroMQ IPC socket that
+this object binds. Requests wait here for their `Final` (energy, tokens) before their usage is
+settled and sent; snapshots become the replica's `factory_*` Prometheus families. Governor
+decisions go the other way, as `Control` messages on a second socket the scheduler polls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import tempfile
@@ -18,13 +18,26 @@ import uuid
 from collections import OrderedDict, deque
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from factory.config import TelemetryConfig
-from factory.engine.meter import METER_ENV, SCHEDULER_ENV
+from factory.engine.wire import (
+    METER_ENV,
+    SCHEDULER_ENV,
+    Control,
+    ControlApplied,
+    Final,
+    MeterSettings,
+    SchedulerSettings,
+    Snapshot,
+    decode_meter,
+    encode,
+    settings_json,
+)
 from factory.policy.batch import MIN_DUTY
 
 log = logging.getLogger("factory.engine")
@@ -35,7 +48,7 @@ _KEEP_FINALS = 10_000  # finals nobody waited for (aborted requests) are kept th
 
 
 class _Waiter:
-    def __init__(self, parts: int, records: list[dict[str, Any]]):
+    def __init__(self, parts: int, records: list[Final]):
         self.parts = parts
         self.records = list(records)
         self.event = asyncio.Event()
@@ -45,26 +58,30 @@ class _Waiter:
     def done(self) -> bool:
         return len(self.records) >= self.parts
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: Final) -> None:
         self.records.append(record)
         if self.done():
             self.event.set()
 
 
-def _merge(records: list[dict[str, Any]]) -> dict[str, Any]:
-    out = dict(records[0])
-    for r in records[1:]:
-        for k in ("energy_j", "busy_s", "completion_tokens"):
-            out[k] += r[k]
-        if r["status"] != "completed":
-            out["status"] = r["status"]
-    return out
+def _merge(records: list[Final]) -> Final:
+    """One record for an API request run as several engine requests (prompt tokens counted once)."""
+    first = records[0]
+    if len(records) == 1:
+        return first
+    return msgspec.structs.replace(
+        first,
+        energy_j=sum(r.energy_j for r in records),
+        busy_s=sum(r.busy_s for r in records),
+        completion_tokens=sum(r.completion_tokens for r in records),
+        status=next((r.status for r in records if r.status != "completed"), "completed"),
+    )
 
 
 class ReplicaMeter:
-    def __init__(self, telemetry: TelemetryConfig, scheduler: dict[str, Any] | None = None):
-        """`scheduler`: the energy-aware scheduler's settings ({"slo": {"ttft_s", "tpot_s"},
-        "profile": path | None}), or None when the replica runs vLLM's own scheduling."""
+    def __init__(self, telemetry: TelemetryConfig, scheduler: SchedulerSettings | None = None):
+        """`scheduler`: the energy-aware scheduler's settings, or None when the replica runs vLLM's
+        own scheduling."""
         stem = f"{tempfile.gettempdir()}/factory-meter-{uuid.uuid4().hex[:12]}"
         self.endpoint = f"ipc://{stem}"
         self._ctx = zmq.asyncio.Context()
@@ -78,40 +95,41 @@ class ReplicaMeter:
             self._ctrl = self._ctx.socket(zmq.PUSH)
             self._ctrl.setsockopt(zmq.LINGER, 0)
             self._ctrl.bind(self.control_endpoint)
-            self._scheduler_cfg = {**scheduler, "control_endpoint": self.control_endpoint}
+            self._scheduler_cfg = msgspec.structs.replace(scheduler, control_endpoint=self.control_endpoint)
         self.idle_w = telemetry.modeled_idle_watts
-        self.last_ack: dict[str, Any] | None = None  # the engine's last control_applied message
-        self._engine_cfg = {
-            "endpoint": self.endpoint,
-            "source": telemetry.source,
-            "interval_s": telemetry.sample_interval_ms / 1000.0,
-            "idle_w": telemetry.modeled_idle_watts,
-            "max_w": telemetry.modeled_max_watts,
-            "prefill_weight": telemetry.prefill_token_weight,
-            "slo": (scheduler or {}).get("slo"),
-        }
-        self._finals: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self.last_ack: ControlApplied | None = None  # the engine's last acknowledgement
+        self._engine_cfg = MeterSettings(
+            endpoint=self.endpoint,
+            source=telemetry.source,
+            interval_s=telemetry.sample_interval_s,
+            idle_w=telemetry.modeled_idle_watts,
+            max_w=telemetry.modeled_max_watts,
+            prefill_weight=telemetry.prefill_token_weight,
+            slo_ttft_s=scheduler.slo_ttft_s if scheduler else None,
+            slo_tpot_s=scheduler.slo_tpot_s if scheduler else None,
+        )
+        self._finals: OrderedDict[str, list[Final]] = OrderedDict()
         self._waiters: dict[str, _Waiter] = {}
-        self.snapshot: dict[str, Any] | None = None
+        self.snapshot: Snapshot | None = None
         # (t, observed J, completion tokens, seconds paused by the power cap)
         self._history: deque[tuple[float, float, int, float]] = deque()
         self._task: asyncio.Task | None = None
 
     def export_engine_env(self) -> None:
         """Make the EngineCore process (started after this, inheriting our environment) meter."""
-        os.environ[METER_ENV] = json.dumps(self._engine_cfg)
+        os.environ[METER_ENV] = settings_json(self._engine_cfg)
         if self._scheduler_cfg is not None:
-            os.environ[SCHEDULER_ENV] = json.dumps(self._scheduler_cfg)
+            os.environ[SCHEDULER_ENV] = settings_json(self._scheduler_cfg)
 
-    async def send_control(self, msg: dict[str, Any]) -> None:
+    async def send_control(self, msg: Control) -> None:
         """A governor decision to the engine's scheduler (applied at its next step)."""
         if self._ctrl is not None:
-            await self._ctrl.send(json.dumps(msg).encode())
+            await self._ctrl.send(encode(msg))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._receive_forever())
 
-    async def final(self, request_key: str, timeout_s: float, parts: int = 1) -> dict[str, Any] | None:
+    async def final(self, request_key: str, timeout_s: float, parts: int = 1) -> Final | None:
         """The engine's final record for a request, waiting up to timeout_s for it.
 
         A request with `n` > 1 runs in the engine as `n` child requests under one key: their
@@ -131,32 +149,31 @@ class ReplicaMeter:
     async def _receive_forever(self) -> None:
         while True:
             try:
-                msg = json.loads(await self._sock.recv())
+                msg = decode_meter(await self._sock.recv())
             except asyncio.CancelledError:
                 raise
             except Exception as err:
                 log.warning("bad meter message: %s", err)
                 continue
-            if msg.get("type") == "final":
-                key = msg["request"]
-                waiter = self._waiters.get(key)
+            if isinstance(msg, Final):
+                waiter = self._waiters.get(msg.request)
                 if waiter is not None:
                     waiter.add(msg)
                 else:
-                    self._finals.setdefault(key, []).append(msg)
+                    self._finals.setdefault(msg.request, []).append(msg)
                     while len(self._finals) > _KEEP_FINALS:
                         self._finals.popitem(last=False)
-            elif msg.get("type") == "snapshot":
+            elif isinstance(msg, Snapshot):
                 self._on_snapshot(msg)
-            elif msg.get("type") == "control_applied":
+            else:
                 self.last_ack = msg
 
-    def _on_snapshot(self, snap: dict[str, Any]) -> None:
+    def _on_snapshot(self, snap: Snapshot) -> None:
         self.snapshot = snap
         now = time.monotonic()
-        completion = sum(t[1] for t in snap["tokens"].values())
-        paused_s = (snap.get("scheduler") or {}).get("paused_s", 0.0)
-        self._history.append((now, snap["observed_j"], completion, paused_s))
+        completion = sum(t[1] for t in snap.tokens.values())
+        paused_s = snap.scheduler.paused_s if snap.scheduler else 0.0
+        self._history.append((now, snap.observed_j, completion, paused_s))
         while len(self._history) > 2 and now - self._history[1][0] >= TOKENS_PER_JOULE_WINDOW_S:
             self._history.popleft()
 
@@ -184,24 +201,25 @@ class ReplicaMeter:
         power_w = self.power_w()
         if snap is None or power_w is None:
             return None
-        sched = snap.get("scheduler") or {}
+        sched = snap.scheduler
         power_w, _ = power_w
+        idle_w = sched.idle_w if sched else self.idle_w
         # Demand over a longer window: a paced engine's 1 s figures swing with its pauses.
         slow_power_w, paused_share = self.power_w(DEMAND_WINDOW_S)
         return {
             "power_w": power_w,
-            "energy_j": snap["observed_j"],
-            "time_s": snap["time_s"],
-            "source": snap["source"],
-            "devices": len(snap["devices"]),
-            "idle_w": sched.get("idle_w", self.idle_w),
-            "demand_w": self.demand_w(slow_power_w, paused_share, sched.get("idle_w", self.idle_w)),
+            "energy_j": snap.observed_j,
+            "time_s": snap.time_s,
+            "source": snap.source,
+            "devices": len(snap.devices),
+            "idle_w": idle_w,
+            "demand_w": self.demand_w(slow_power_w, paused_share, idle_w),
             "tokens_per_joule": self.tokens_per_joule() or None,
-            "batch_cap": sched.get("batch_cap"),
-            "efficient_batch": sched.get("efficient_batch"),
-            "duty": sched.get("duty"),
-            "control_version": sched.get("control_version"),
-            "ack": self.last_ack,
+            "batch_cap": sched.batch_cap if sched else None,
+            "efficient_batch": sched.efficient_batch if sched else None,
+            "duty": sched.duty if sched else None,
+            "control_version": sched.control_version if sched else None,
+            "ack": msgspec.structs.asdict(self.last_ack) if self.last_ack else None,
         }
 
     def tokens_per_joule(self) -> float:
@@ -212,11 +230,11 @@ class ReplicaMeter:
         return (n1 - n0) / (j1 - j0) if j1 > j0 else 0.0
 
     def families(self) -> list[Metric]:
-        """factory_* families for this replica (the ingress adds the `replica` label)."""
+        """factory_* families for this replica (the hub's exposition adds the `replica` label)."""
         snap = self.snapshot
         if snap is None:
             return []
-        src = snap["source"]
+        src = snap.source
         power = GaugeMetricFamily(
             "factory_power_watts",
             "Device power now (source: nvml measured, modeled estimated).",
@@ -226,22 +244,22 @@ class ReplicaMeter:
             "factory_energy_joules", "Device energy since the replica started.", labels=["device", "source"]
         )
         limit = GaugeMetricFamily("factory_power_limit_watts", "Enforced device power limit.", labels=["device"])
-        for d in snap["devices"]:
-            power.add_metric([d["device"], src], d["power_w"])
-            energy.add_metric([d["device"], src], d["energy_j"])
-            if d.get("power_limit_w") is not None:
-                limit.add_metric([d["device"]], d["power_limit_w"])
+        for d in snap.devices:
+            power.add_metric([d.device, src], d.power_w)
+            energy.add_metric([d.device, src], d.energy_j)
+            if d.power_limit_w is not None:
+                limit.add_metric([d.device], d.power_limit_w)
         attributed = CounterMetricFamily(
             "factory_attributed_energy_joules", "Device energy attributed to requests, by tenant.", labels=["tenant"]
         )
-        for tenant, joules in snap["attributed_j"].items():
+        for tenant, joules in snap.attributed_j.items():
             attributed.add_metric([tenant], joules)
         idle = CounterMetricFamily("factory_idle_energy_joules", "Device energy with no request running.")
-        idle.add_metric([], snap["idle_j"])
+        idle.add_metric([], snap.idle_j)
         tokens = CounterMetricFamily(
             "factory_tokens", "Tokens processed, by tenant and kind.", labels=["tenant", "kind"]
         )
-        for tenant, (prompt, completion) in snap["tokens"].items():
+        for tenant, (prompt, completion) in snap.tokens.items():
             tokens.add_metric([tenant, "prompt"], prompt)
             tokens.add_metric([tenant, "completion"], completion)
         tpj = GaugeMetricFamily(
@@ -249,45 +267,45 @@ class ReplicaMeter:
         )
         tpj.add_metric([], self.tokens_per_joule())
         busy = CounterMetricFamily("factory_engine_busy_seconds", "Time the engine spent running steps.")
-        busy.add_metric([], snap["busy_s"])
+        busy.add_metric([], snap.busy_s)
         return [power, energy, limit, attributed, idle, tokens, tpj, busy, *self._scheduler_families(snap)]
 
     @staticmethod
-    def _scheduler_families(snap: dict[str, Any]) -> list[Metric]:
+    def _scheduler_families(snap: Snapshot) -> list[Metric]:
         out: list[Metric] = []
-        if snap.get("slo_attainment") is not None:
+        if snap.slo_attainment is not None:
             slo = GaugeMetricFamily(
                 "factory_slo_attainment",
                 "Share of the last 512 completed requests that met each latency target (ttft, tpot).",
                 labels=["slo"],
             )
-            for name, share in snap["slo_attainment"].items():
+            for name, share in snap.slo_attainment.items():
                 slo.add_metric([name], share)
             out.append(slo)
-        sched = snap.get("scheduler")
-        if not sched:
+        sched = snap.scheduler
+        if sched is None:
             return out
         cap = GaugeMetricFamily("factory_batch_cap", "Most requests the scheduler lets run at once now.")
-        cap.add_metric([], sched["batch_cap"])
+        cap.add_metric([], sched.batch_cap)
         duty = GaugeMetricFamily("factory_duty_cycle", "Share of time the engine may compute under its power cap.")
-        duty.add_metric([], sched["duty"])
+        duty.add_metric([], sched.duty)
         preempt = CounterMetricFamily("factory_preemptions", "Requests preempted (KV cache full) and recomputed.")
-        preempt.add_metric([], sched["preemptions"])
+        preempt.add_metric([], sched.preemptions)
         violations = CounterMetricFamily(
             "factory_scheduler_cap_violations", "Steps that ran more requests than the cap in force (should be 0)."
         )
-        violations.add_metric([], sched["cap_violations"])
+        violations.add_metric([], sched.cap_violations)
         out += [cap, duty, preempt, violations]
-        if sched.get("power_cap_w") is not None:
+        if sched.power_cap_w is not None:
             power_cap = GaugeMetricFamily("factory_power_cap_watts", "Power cap the governor set on this replica.")
-            power_cap.add_metric([], sched["power_cap_w"])
+            power_cap.add_metric([], sched.power_cap_w)
             out.append(power_cap)
         hist = HistogramMetricFamily("factory_step_energy_joules", "Energy of one engine step, J.")
         cumulative, buckets = 0, []
-        for edge, count in zip([*sched["step_energy_buckets_j"], "+Inf"], sched["step_energy_counts"], strict=True):
+        for edge, count in zip([*sched.step_energy_buckets_j, "+Inf"], sched.step_energy_counts, strict=True):
             cumulative += count
             buckets.append((str(edge), cumulative))
-        hist.add_metric([], buckets, sched["step_energy_sum_j"])
+        hist.add_metric([], buckets, sched.step_energy_sum_j)
         out.append(hist)
         return out
 

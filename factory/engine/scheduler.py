@@ -18,7 +18,6 @@ custom class must subclass the matching one. Caps only ever go below the configu
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
@@ -31,7 +30,8 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from factory.engine.meter import SCHEDULER_ENV, EngineMeter
+from factory.engine.meter import EngineMeter
+from factory.engine.wire import SCHEDULER_ENV, Control, SchedulerSettings, SchedulerStats, decode_control, scheduler_settings
 from factory.policy.batch import BatchDecision, EnergyCurve, Slo, choose_batch
 from factory.policy.profile import load_profile
 from factory.policy.throttle import DutyController
@@ -55,8 +55,6 @@ OUTPUT_LEN_ALPHA = 0.05
 OUTPUT_LEN_PRIOR = 256.0
 # How fast a measured board's idle power is learnt, per idle window.
 IDLE_ALPHA = 0.1
-# Admission reserves this much growth of every running request (config scheduler.admission_horizon_tokens).
-DEFAULT_HORIZON_TOKENS = 128
 # Running requests are assumed to grow to this multiple of the average completion (bounded by max_tokens).
 OUTPUT_LEN_HEADROOM = 1.5
 
@@ -105,14 +103,14 @@ class _EnergyAware(_Metered):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        cfg = json.loads(os.environ.get(SCHEDULER_ENV) or "{}")
+        raw = os.environ.get(SCHEDULER_ENV)
+        cfg = scheduler_settings(raw) if raw else SchedulerSettings()
         self._max_seqs = self.max_num_running_reqs
         self._max_active = self.max_num_active_reqs
         self._max_tokens = self.max_num_scheduled_tokens
         self._chunked = bool(self.scheduler_config.enable_chunked_prefill)
-        slo = cfg.get("slo") or {}
-        self._slo = Slo(slo.get("ttft_s"), slo.get("tpot_s"))
-        profile = load_profile(cfg["profile"]) if cfg.get("profile") else None
+        self._slo = Slo(cfg.slo_ttft_s, cfg.slo_tpot_s)
+        profile = load_profile(cfg.profile) if cfg.profile else None
         idle_w, busy_w = self._power_range(profile)
         self._curve = EnergyCurve.from_profile(profile, max_batch=self._max_seqs, idle_w=idle_w, busy_w=busy_w)
         self._duty = DutyController()
@@ -135,21 +133,22 @@ class _EnergyAware(_Metered):
         self._step_energy_counts = [0] * (len(STEP_ENERGY_BUCKETS_J) + 1)
         self._step_energy_sum_j = 0.0
         self._ctrl = None
-        if cfg.get("control_endpoint"):
+        if cfg.control_endpoint:
             self._ctrl = zmq.Context.instance().socket(zmq.PULL)
             self._ctrl.setsockopt(zmq.LINGER, 0)
-            self._ctrl.connect(cfg["control_endpoint"])
+            self._ctrl.connect(cfg.control_endpoint)
         if self._meter is not None:
             self._meter.scheduler_stats = self.stats
-        self._actuator = self._make_actuator(cfg.get("actuators") or {})
-        self.horizon_tokens = int(cfg.get("admission_horizon_tokens", DEFAULT_HORIZON_TOKENS))
+        self._actuator = self._make_actuator(cfg)
+        self.horizon_tokens = cfg.admission_horizon_tokens
         log.info(
             "energy-aware scheduler: max_num_seqs %d, max tokens/step %d, SLO ttft %s s tpot %s s, profile %s",
-            self._max_seqs, self._max_tokens, self._slo.ttft_s, self._slo.tpot_s, cfg.get("profile"),
+            self._max_seqs, self._max_tokens, self._slo.ttft_s, self._slo.tpot_s, cfg.profile,
         )  # fmt: skip
 
-    def _make_actuator(self, consent: dict[str, bool]):
+    def _make_actuator(self, cfg: SchedulerSettings):
         """The NVML actuator, only with the operator's consent and on a board NVML reads."""
+        consent = {"nvml_power_limit": cfg.nvml_power_limit, "nvml_locked_clocks": cfg.nvml_locked_clocks}
         if not any(consent.values()) or self._meter is None or self._meter.source.source != "nvml":
             return None
         from factory.power.actuators import NvmlActuator
@@ -159,8 +158,8 @@ class _EnergyAware(_Metered):
         return NvmlActuator(
             source.nvml,
             source.boards(),
-            power_limit=bool(consent.get("nvml_power_limit")),
-            locked_clocks=bool(consent.get("nvml_locked_clocks")),
+            power_limit=cfg.nvml_power_limit,
+            locked_clocks=cfg.nvml_locked_clocks,
         )
 
     def _power_range(self, profile) -> tuple[float, float]:
@@ -175,44 +174,40 @@ class _EnergyAware(_Metered):
         return 0.0, 1.0
 
     # -- the public surface -------------------------------------------------------------------------
-    def apply_control(self, msg: dict[str, Any]) -> None:
-        """A governor message: {"version", "batch_cap", "power_cap_w", "sent_at"}; absent keys keep
-        their value. Takes effect at the next step (or mid-pause)."""
-        if "power_cap_w" in msg and msg["power_cap_w"] != self._control["power_cap_w"]:
+    def apply_control(self, msg: Control) -> None:
+        """A governor decision; takes effect at the next step (or mid-pause)."""
+        if msg.power_cap_w != self._control["power_cap_w"]:
             self._cap_set_at = time.monotonic()
-        for key in ("batch_cap", "power_cap_w"):
-            if key in msg:
-                self._control[key] = msg[key]
-        self._control["version"] = msg.get("version", self._control["version"])
+        self._control.update(batch_cap=msg.batch_cap, power_cap_w=msg.power_cap_w, version=msg.version)
         if self._control["power_cap_w"] is None:
             self._duty.reset()
             self._pause_owed_s = 0.0
         if self._actuator is not None and self._actuator.applied_w != self._control["power_cap_w"]:
             self._actuator.apply(self._control["power_cap_w"])
         self._decision = self._decide(time.monotonic())
-        if self._meter is not None and "sent_at" in msg:
-            self._meter.send_control_ack(self._control["version"], msg["sent_at"], msg.get("forwarded_at"), time.time())
+        if self._meter is not None:
+            self._meter.send_control_ack(msg.version, msg.sent_at, msg.forwarded_at, time.time())
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SchedulerStats:
         d = self._decision
-        return {
-            "batch_cap": self._cap,
-            "token_budget": self.max_num_scheduled_tokens,
-            "duty": self._duty.duty if self._control["power_cap_w"] is not None else 1.0,
-            "power_cap_w": self._control["power_cap_w"],
-            "control_version": self._control["version"],
-            "efficient_batch": d.batch_cap,
-            "reason": d.reason,
-            "preemptions": self._preemptions,
-            "cap_violations": self._cap_violations,
-            "max_batch_seen": self._max_batch_seen,
-            "steps": self._nsteps,
-            "step_energy_buckets_j": list(STEP_ENERGY_BUCKETS_J),
-            "step_energy_counts": list(self._step_energy_counts),
-            "step_energy_sum_j": self._step_energy_sum_j,
-            "paused_s": self._paused_s,
-            "idle_w": self._curve.idle_w,
-        }
+        return SchedulerStats(
+            batch_cap=self._cap,
+            token_budget=self.max_num_scheduled_tokens,
+            duty=self._duty.duty if self._control["power_cap_w"] is not None else 1.0,
+            power_cap_w=self._control["power_cap_w"],
+            control_version=self._control["version"],
+            efficient_batch=d.batch_cap,
+            reason=d.reason,
+            preemptions=self._preemptions,
+            cap_violations=self._cap_violations,
+            max_batch_seen=self._max_batch_seen,
+            steps=self._nsteps,
+            step_energy_buckets_j=STEP_ENERGY_BUCKETS_J,
+            step_energy_counts=tuple(self._step_energy_counts),
+            step_energy_sum_j=self._step_energy_sum_j,
+            paused_s=self._paused_s,
+            idle_w=self._curve.idle_w,
+        )
 
     # -- vLLM hooks -------------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs):
@@ -388,7 +383,7 @@ class _EnergyAware(_Metered):
         if self._ctrl is None:
             return
         while self._ctrl.poll(0):
-            self.apply_control(json.loads(self._ctrl.recv()))
+            self.apply_control(decode_control(self._ctrl.recv()))
 
     def shutdown(self) -> None:
         if self._actuator is not None:  # the card's own settings back before anything else goes

@@ -8,7 +8,6 @@ or the FACTORY_SCHEDULER config.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 
@@ -17,13 +16,18 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from factory.config import AUTO_PROFILE_CPU as CPU_PROFILE
-from factory.engine.meter import METER_ENV, SCHEDULER_ENV
+from factory.engine.wire import METER_ENV, SCHEDULER_ENV, Control, SchedulerSettings, settings_json
 from factory.engine.scheduler import AsyncEnergyAwareScheduler, EnergyAwareScheduler
 from tests.scheduler_harness import Driver, StepRecord, make_request, make_scheduler
 
 OURS = [EnergyAwareScheduler, AsyncEnergyAwareScheduler]
 DEFAULT_STATS = ("batch_cap", "token_budget", "preemptions", "cap_violations", "max_batch_seen", "steps")
 OURS_AND_STOCK = [(EnergyAwareScheduler, Scheduler), (AsyncEnergyAwareScheduler, AsyncScheduler)]
+
+
+def batch_cap(cap: int) -> Control:
+    """A governor message that caps the running requests (no power cap)."""
+    return Control(version=1, power_cap_w=None, sent_at=0.0, forwarded_at=0.0, batch_cap=cap)
 
 
 def accelerator_like_forward_s(num_reqs: int, num_tokens: int) -> float:
@@ -87,7 +91,7 @@ def test_batch_cap_holds_on_every_step_while_caps_change_at_run_time(cls):
     scheduler = make_scheduler(cls, max_num_seqs=256, max_num_batched_tokens=512, num_gpu_blocks=20_000)
     requests = _random_load(400, seed=1, prompt_len=(16, 300), max_tokens=(8, 120))
     cap = caps_by_step[0]
-    scheduler.apply_control({"batch_cap": cap})
+    scheduler.apply_control(batch_cap(cap))
     most_scheduled_by_cap: dict[int, int] = {}
 
     def check(step: int, record: StepRecord) -> None:
@@ -100,7 +104,7 @@ def test_batch_cap_holds_on_every_step_while_caps_change_at_run_time(cls):
         most_scheduled_by_cap[cap] = max(most_scheduled_by_cap.get(cap, 0), record.num_scheduled_reqs)
         if step + 1 in caps_by_step:
             cap = caps_by_step[step + 1]
-            scheduler.apply_control({"batch_cap": cap})
+            scheduler.apply_control(batch_cap(cap))
 
     driver = Driver(scheduler, forward_s=accelerator_like_forward_s)
     summary = driver.run(20_000, arrivals=_poisson_arrivals(requests, seed=2, per_step=2.0), on_step=check)
@@ -109,9 +113,9 @@ def test_batch_cap_holds_on_every_step_while_caps_change_at_run_time(cls):
     # The load filled every cap, so each bound above was tested, not idle.
     assert most_scheduled_by_cap == {64: 64, 8: 8, 3: 3, 32: 32}
     stats = scheduler.stats()
-    assert stats["cap_violations"] == 0
-    assert stats["batch_cap"] <= 32
-    assert stats["max_batch_seen"] == 64
+    assert stats.cap_violations == 0
+    assert stats.batch_cap <= 32
+    assert stats.max_batch_seen == 64
 
 
 @pytest.mark.parametrize("cls", OURS)
@@ -120,7 +124,7 @@ def test_batch_cap_never_rises_above_the_configured_maxima(cls):
     driver = Driver(scheduler, forward_s=accelerator_like_forward_s)
     driver.add(_random_load(60, seed=3, prompt_len=(16, 64), max_tokens=(16, 32)))
     asked = 4
-    scheduler.apply_control({"batch_cap": asked})
+    scheduler.apply_control(batch_cap(asked))
     most_scheduled: dict[int, int] = {}
 
     def track(step: int, record: StepRecord) -> None:
@@ -129,15 +133,15 @@ def test_batch_cap_never_rises_above_the_configured_maxima(cls):
         assert record.num_scheduled_tokens <= 1024
         if step == 9:
             asked = 10_000
-            scheduler.apply_control({"batch_cap": asked})
+            scheduler.apply_control(batch_cap(asked))
 
     summary = driver.run(5_000, on_step=track)
 
     assert summary.finished == 60
     assert most_scheduled == {4: 4, 10_000: 16}
     stats = scheduler.stats()
-    assert stats["batch_cap"] == 16
-    assert stats["token_budget"] <= 1024
+    assert stats.batch_cap == 16
+    assert stats.token_budget <= 1024
     # vLLM sized the model runner's buffers from max_num_seqs; no limit may move above it.
     assert scheduler.max_num_running_reqs == 16
     assert scheduler.max_num_active_reqs <= 16
@@ -165,13 +169,13 @@ def test_fewer_preemptions_than_stock_vllm_on_an_oversubscribed_load(ours, stock
     # fraction of stock's preemptions, without shrinking batches so far that steps multiply.
     assert our_summary.preemptions <= stock_summary.preemptions // 4
     assert our_summary.steps <= stock_summary.steps * 1.25
-    assert scheduler.stats()["preemptions"] == our_summary.preemptions
+    assert scheduler.stats().preemptions == our_summary.preemptions
 
 
 @pytest.mark.parametrize("cls", OURS)
 def test_higher_priority_waiting_requests_are_admitted_first(cls):
     scheduler = make_scheduler(cls, max_num_seqs=256, num_gpu_blocks=20_000, policy="priority")
-    scheduler.apply_control({"batch_cap": 2})
+    scheduler.apply_control(batch_cap(2))
     priorities = [5, 3, 7, 1, 6, 0, 4, 2]  # lower number = more urgent, as in vLLM
     start_s = time.time() - 1.0
     early = [make_request(f"p{p}", 32, 4, priority=p, arrival_s=start_s + i * 1e-3) for i, p in enumerate(priorities)]
@@ -194,7 +198,7 @@ def test_runs_with_defaults_when_no_meter_or_scheduler_config_is_set(cls):
     scheduler = make_scheduler(cls, max_num_seqs=32, max_num_batched_tokens=1024, num_gpu_blocks=20_000)
 
     stats = scheduler.stats()
-    assert {key: stats[key] for key in DEFAULT_STATS} == {
+    assert {key: getattr(stats, key) for key in DEFAULT_STATS} == {
         "batch_cap": 32,
         "token_budget": 1024,
         "preemptions": 0,
@@ -214,10 +218,10 @@ def test_runs_with_defaults_when_no_meter_or_scheduler_config_is_set(cls):
 
     assert summary.finished == 50
     stats = scheduler.stats()
-    assert stats["batch_cap"] == 32
-    assert stats["max_batch_seen"] == most_scheduled == 32
-    assert stats["steps"] > 0
-    assert stats["cap_violations"] == 0
+    assert stats.batch_cap == 32
+    assert stats.max_batch_seen == most_scheduled == 32
+    assert stats.steps > 0
+    assert stats.cap_violations == 0
 
 
 @pytest.mark.parametrize("cls", OURS)
@@ -225,7 +229,7 @@ def test_prefill_chunks_are_limited_only_while_some_request_decodes(cls, monkeyp
     """The token budget keeps a decode step within the TPOT target. With nothing decoding it
     protects nobody, so a lone prompt is computed in one step (its TTFT is not stretched); once a
     request decodes, a second long prompt is chunked to the budget."""
-    monkeypatch.setenv(SCHEDULER_ENV, json.dumps({"slo": {"tpot_s": 0.05}, "profile": str(CPU_PROFILE)}))
+    monkeypatch.setenv(SCHEDULER_ENV, settings_json(SchedulerSettings(slo_tpot_s=0.05, profile=str(CPU_PROFILE))))
     scheduler = make_scheduler(cls, max_num_seqs=8, max_num_batched_tokens=2048, num_gpu_blocks=20_000)
     budget = scheduler._decision.token_budget  # the policy's budget (stats show the one in force)
     assert budget < 600, "the SLO and profile must make the budget bind for this test to mean anything"
