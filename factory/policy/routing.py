@@ -21,7 +21,7 @@ simulator call the same functions. The rules, and why:
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -198,31 +198,39 @@ def _would_pile(holder: ReplicaView, least: ReplicaView, balance: Balance) -> bo
     return full and (least.capacity is None or least.load < least.capacity)
 
 
-class Unconfirmed:
-    """Requests the router has assigned whose replica has not confirmed them yet.
+class Picks:
+    """The requests the router sent each replica that the replica has not reported yet.
 
-    Between choosing a replica and the replica's answer, neither its published stats nor the
-    router's own queue counts show the request, and a burst of requests is routed in one go:
-    without this count they would all see the same loads and go to the same replica. An entry
-    ends when the replica confirms (or the request ends), or after `horizon_s` (a request
-    cancelled before it was sent is never confirmed)."""
+    The router picks a replica and HAProxy sends the request; the replica reports, every
+    publication of its routing stats, how many requests it has received in all, how many it has in
+    flight, and how long its requests take. Between two publications a burst routed in one go shows
+    in neither: without this count it would all go to the same replica. A pick the replica has not
+    reported counts as load until it has probably finished (the replica's typical request time
+    after it was sent), so a stream of short requests sent one after the other does not look like a
+    pile. Exact counts with one router (the factory runs one); a replica gone is forgotten."""
 
-    def __init__(self, horizon_s: float = 2.0):
-        self.horizon_s = horizon_s
-        self._by_request: dict[str, tuple[str, float]] = {}  # request id -> (replica, assigned at s)
+    def __init__(self, keep: int = 4096) -> None:
+        self._sent: dict[str, deque[float]] = {}  # replica -> when its latest picks were sent
+        self._count: dict[str, int] = {}  # replica -> picks sent there since the router started
+        self._keep = keep
 
-    def assign(self, request_id: str, replica: str, now_s: float) -> None:
-        self._by_request[request_id] = (replica, now_s)  # a retried request moves, it is not counted twice
+    def sent(self, replica: str, now_s: float) -> None:
+        times = self._sent.setdefault(replica, deque(maxlen=self._keep))
+        times.append(now_s)
+        self._count[replica] = self._count.get(replica, 0) + 1
 
-    def settle(self, request_id: str) -> None:
-        self._by_request.pop(request_id, None)
+    def unseen(self, replica: str, received: int | None, now_s: float, duration_s: float | None = None) -> int:
+        """Picks of `replica` beyond the `received` it last reported (None: never reported) that were
+        sent within its typical request time `duration_s` (None: not known, all of them count)."""
+        missing = max(0, self._count.get(replica, 0) - (received or 0))
+        times = self._sent.get(replica, ())
+        recent = list(times)[-missing:] if missing else []
+        if duration_s is None:
+            return len(recent)
+        return sum(1 for t in recent if now_s - t <= duration_s)
 
-    def counts(self, now_s: float) -> dict[str, int]:
-        """Unconfirmed requests per replica."""
-        stale = [r for r, (_, t) in self._by_request.items() if t < now_s - self.horizon_s]
-        for request_id in stale:
-            del self._by_request[request_id]
-        out: dict[str, int] = {}
-        for replica, _ in self._by_request.values():
-            out[replica] = out.get(replica, 0) + 1
-        return out
+    def forget(self, keep: Iterable[str]) -> None:
+        keep = set(keep)
+        for replica in [r for r in self._sent if r not in keep]:
+            del self._sent[replica]
+            del self._count[replica]

@@ -216,7 +216,11 @@ class _Control:
         cap = d.batch_cap if d is not None else None
         control = {"batch_cap": cap, "efficient_batch": cap, "throttle_level": self.levels[i]}
         return routing_stats(
-            running=g.running_req(), waiting=g.waiting_req(), max_num_seqs=self.cfg.max_num_seqs, control=control
+            model="sim",
+            running=g.running_req(),
+            waiting=g.waiting_req(),
+            max_num_seqs=self.cfg.max_num_seqs,
+            control=control,
         )
 
     def decide_all(self, now: float) -> None:

@@ -8,9 +8,9 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from factory.policy.routing import (
     Balance,
+    Picks,
     PrefixIndex,
     ReplicaView,
-    Unconfirmed,
     prefix_hashes,
     rank,
     render_messages,
@@ -181,63 +181,19 @@ def test_replica_view_validates():
         ReplicaView(id="a", load=0, capacity=0)
 
 
-# --- requests not yet confirmed by their replica ---
+# --- requests sent to a replica it has not reported yet ---
 
 
-def test_unconfirmed_requests_count_until_settled_or_stale():
-    u = Unconfirmed(horizon_s=2)
-    u.assign("r1", "a", now_s=0)
-    u.assign("r2", "a", now_s=1)
-    u.assign("r3", "b", now_s=1)
-    assert u.counts(now_s=1) == {"a": 2, "b": 1}
-    u.assign("r2", "b", now_s=1.5)  # a retry moves the request, it does not count it twice
-    u.settle("r3")
-    assert u.counts(now_s=1.5) == {"a": 1, "b": 1}
-    assert u.counts(now_s=2.5) == {"b": 1}  # r1 was never confirmed (cancelled before it was sent)
-    u.settle("unknown")
-    assert u.counts(now_s=4) == {}
-
-
-# --- the stats a replica publishes, as the router reads them ---
-
-
-def test_published_stats_become_the_routers_view():
-    stats = routing_stats(
-        running=3,
-        waiting=2,
-        max_num_seqs=32,
-        control={"throttle_level": 1, "power_cap_w": 300.0, "batch_cap": 16, "efficient_batch": 24},
-    )
-    assert stats == {
-        "running": 3,
-        "waiting": 2,
-        "max_num_seqs": 32,
-        "batch_cap": 16,
-        "efficient_batch": 24,
-        "throttle_level": 1,
-    }
-    v = replica_view("r", stats, ongoing=4)
-    assert v == ReplicaView(id="r", load=5, capacity=16, efficient_batch=24, throttle_level=1)
-    assert v.fill_target == 16
-    assert replica_view("r", stats, ongoing=9).load == 9  # the router knows of more than the stats show yet
-
-
-def test_a_replica_that_has_not_published_shows_the_routers_count_only():
-    assert replica_view("r", {}, ongoing=None) == ReplicaView(id="r", load=0)
-    assert replica_view("r", {}, ongoing=2).load == 2
-    idle = routing_stats(
-        running=0, waiting=0, max_num_seqs=8, control={"throttle_level": 0, "batch_cap": None, "efficient_batch": None}
-    )
-    assert replica_view("r", idle, ongoing=None) == ReplicaView(id="r", load=0, capacity=8)
-
-
-def test_queue_lengths_sum_vllms_gauges_over_engines():
-    registry = CollectorRegistry()
-    running = Gauge("vllm:num_requests_running", "", ["engine"], registry=registry)
-    running.labels("0").set(3)
-    running.labels("1").set(2)
-    Gauge("vllm:num_requests_waiting", "", ["engine"], registry=registry).labels("0").set(4)
-    Gauge("vllm:kv_cache_usage_perc", "", registry=registry).set(0.5)
-    assert queue_lengths(registry.restricted_registry(QUEUE_GAUGES).collect()) == (5, 4)
-    assert queue_lengths(registry.collect()) == (5, 4)
-    assert queue_lengths([]) == (0, 0)
+def test_picks_count_what_a_replica_has_not_received_and_has_probably_not_finished():
+    p = Picks()
+    for t, replica in ((0.0, "a"), (0.1, "a"), (0.2, "a"), (0.2, "b")):
+        p.sent(replica, t)
+    assert (p.unseen("a", None, 0.3), p.unseen("b", None, 0.3), p.unseen("c", None, 0.3)) == (3, 1, 0)
+    assert p.unseen("a", 2, 0.3) == 1  # it reported receiving two of them
+    assert p.unseen("a", 5, 0.3) == 0  # requests from elsewhere (the fallback path) never make it negative
+    # Its requests take 0.15 s: of the three it has not reported, those sent over 0.15 s ago are done.
+    assert p.unseen("a", 0, 0.3, duration_s=0.15) == 1
+    assert p.unseen("a", 0, 0.3, duration_s=0.25) == 2
+    assert p.unseen("a", 0, 5.0, duration_s=0.15) == 0
+    p.forget(["b"])
+    assert (p.unseen("a", None, 0.3), p.unseen("b", 0, 0.3)) == (0, 1)

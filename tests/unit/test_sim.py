@@ -142,7 +142,11 @@ def test_pruned_ranking_picks_what_rank_over_every_view_picks():
             r.publish(
                 i,
                 factory.routing.stats.routing_stats(
-                    running=rnd.choice([0, 4, 8, 16]), waiting=rnd.choice([0, 0, 2]), max_num_seqs=16, control=control
+                    model="sim",
+                    running=rnd.choice([0, 4, 8, 16]),
+                    waiting=rnd.choice([0, 0, 2]),
+                    max_num_seqs=16,
+                    control=control,
                 ),
             )
             r.set_ongoing(i, rnd.choice([0, 3, 8, 17]))
