@@ -1,33 +1,37 @@
 """The Ray Serve application graph, built from a FactoryConfig.
 
-    HTTP proxy -> FactoryIngress (OpenAI routes, errors, /ready, /metrics)
-                     | DeploymentHandle per model
-                     v
-                  FactoryLLMServer x replicas (vLLM AsyncLLM + vLLM OpenAI serving)
-    StateHub <- replicas report liveness + engine and power metrics; ingress reads it
-    LedgerService <- ingress admits (key + reservation), replicas settle (group commit)
-    PowerGovernor <- replicas exchange power reports for caps (long poll); ingress reads admission
+    client -> HAProxy (Ray Serve's, one public port) --POST: which replica?--> FactoryRouter
+                 | one native TCP hop per request            (EnergyAwareRouter over the engines)
+                 v
+              FactoryEngine x replicas: FactoryLLMServer, each its own HTTP server (direct ingress):
+              the factory's routes, admission and metering around vLLM's serving classes + AsyncLLM
+    StateHub <- replicas: model assignment, liveness, metrics, readiness and drain state
+    LedgerService <- replicas admit (key + reservation) and settle (group commit), once per request
+    PowerGovernor <- replicas exchange power reports for caps and follow admission (long polls)
 
 Built with Ray Serve LLM's own pieces (`LLMConfig`, `build_llm_deployment`, `server_cls`), so
-vLLM's serving code answers every OpenAI request.
+vLLM's serving code answers every OpenAI request; the Ray internals used are in ray_seams.py.
 """
 
 from __future__ import annotations
 
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
-from factory.api.ingress import make_ingress_class
 from factory.config import FactoryConfig, ModelConfig, parse_config
 from factory.engine.server import FactoryLLMServer, LocalModelCallback
+from factory.engine.wire import SchedulerSettings
 from factory.hub import StateHub
+from factory.launcher import ENGINE_DEPLOYMENT
 from factory.metering.ledger import default_ledger_path
 from factory.metering.service import LedgerService
 from factory.models import ResolvedModel
 from factory.power.governor import PowerGovernor
+from factory.ray_seams import with_ingress_request_router
+from factory.routing.ingress import FactoryRouter
 from factory.routing.stats import ROUTING_STATS_PERIOD_S
+
 
 
 def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:
@@ -35,19 +39,15 @@ def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:
     return model.device == "cuda" or (model.device == "auto" and gpu_available)
 
 
-def request_router_config(router: str) -> dict:
-    """The deployment options that pick a model's request router: ours for `energy`; none for
-    `power_of_two`, which Ray Serve (and Ray Serve LLM's `build_llm_deployment`) then defaults to.
+def request_router_config(models: list[str]) -> dict:
+    """The engine deployment's request router, which FactoryRouter runs for HAProxy.
 
     Replicas publish their routing stats every ROUTING_STATS_PERIOD_S; the router counts its own
-    requests in between, so the period bounds only how stale other routers' load is."""
-    if router != "energy":
-        return {}
+    picks in between, so the period bounds only how stale the replicas' own queue counts are."""
     return {
-        "request_router_config": {
-            "request_router_class": "factory.routing.router.EnergyAwareRouter",
-            "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
-        }
+        "request_router_class": "factory.routing.router.EnergyAwareRouter",
+        "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+        "request_router_kwargs": {"models": models},
     }
 
 
@@ -80,7 +80,7 @@ def llm_config_for(
     if cls is not None:
         engine_kwargs["scheduler_cls"] = cls
     if cls is not None and scheduler_policy == "energy":
-        # Tenants' priority classes order admission (the ingress stamps each request's priority).
+        # Tenants' priority classes order admission (the replica stamps each request's priority).
         engine_kwargs["scheduling_policy"] = "priority"
     if model.max_num_batched_tokens is not None:
         engine_kwargs["max_num_batched_tokens"] = model.max_num_batched_tokens
@@ -107,14 +107,12 @@ def llm_config_for(
             "num_replicas": model.replicas,
             "ray_actor_options": {"num_cpus": model.replica_num_cpus if gpu else 0},
             "graceful_shutdown_timeout_s": drain_timeout_s,
-            **request_router_config(model.router),
         },
         runtime_env={"env_vars": env} if env else None,
         server_cls=FactoryLLMServer,
         # Our replicas report vLLM's own Prometheus families through the state hub instead of
         # Ray's metrics agent, so /metrics on the API port carries them.
         log_engine_metrics=False,
-        experimental_configs={"stream_batching_interval_ms": model.stream_batching_interval_ms},
         callback_config={"callback_class": LocalModelCallback} if resolved.kind != "hf" else {},
         **placement,
     )
@@ -134,7 +132,8 @@ def _singleton(cls: type, *, resources: dict | None = None, **options):
 
 
 def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gpu_available: bool) -> Application:
-    """The whole factory as one Serve application (one ingress, one hub, N model deployments)."""
+    """The whole factory as one Serve application: the engine deployment (the HTTP ingress, every
+    model's replicas), its router, and the hub, ledger and governor."""
     drain_s = cfg.server.drain_timeout_s
     # Polled several times a second: no access log.
     hub = _singleton(StateHub, max_ongoing_requests=10_000).bind(
@@ -155,62 +154,65 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         cfg.power.budget.model_dump(), cfg.power.governor.model_dump()
     )
     energy = cfg.scheduler.policy == "energy"
-    llm_deployments = {}
-    llm_configs = []
+    configs: dict[str, LLMConfig] = {}
+    gpu = False
     for m in cfg.models:
-        gpu = on_gpu(m, gpu_available)
-        c = llm_config_for(m, resolved[m.served_name], gpu, drain_s, cfg.telemetry.enabled, cfg.scheduler.policy)
-        metering = {
-            "telemetry": cfg.telemetry.model_dump(),
-            "cost": cfg.cost.model_dump(mode="json"),
-            "scheduler": _scheduler_settings(cfg, gpu) if energy else None,
-        }
-        llm_configs.append(c)
-        llm_deployments[c.model_id] = build_llm_deployment(
-            c, bind_kwargs={"hub": hub, "ledger": ledger, "governor": governor, "metering": metering}
+        gpu = on_gpu(m, gpu_available)  # one shape for all models (config validation)
+        configs[m.served_name] = llm_config_for(
+            m, resolved[m.served_name], gpu, drain_s, cfg.telemetry.enabled, cfg.scheduler.policy
         )
-    model_cards = {c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs}
-
-    ingress = serve.deployment(
-        make_ingress_class(),
-        name="FactoryIngress",
+    settings = {
+        "telemetry": cfg.telemetry,
+        "cost": cfg.cost,
+        "scheduler": _scheduler_settings(cfg, gpu) if energy else None,
+        "auth_required": cfg.auth == "required",
+        "local_only": cfg.auth == "disabled" and not cfg.server.allow_unauthenticated,
+        "max_model_len": {m.served_name: m.max_model_len for m in cfg.models},
+    }
+    shape = next(iter(configs.values()))
+    options: dict = {
+        "name": ENGINE_DEPLOYMENT,
+        "num_replicas": sum(m.replicas for m in cfg.models),
+        # Access lines cost the engine's process CPU per request; HAProxy's own log has them.
+        "logging_config": {"enable_access_log": False},
+    }
+    if cfg.routing.policy == "energy":
+        options["request_router_config"] = request_router_config([m.served_name for m in cfg.models])
+    engines = build_llm_deployment(
+        shape,
+        bind_kwargs={"models": configs, "hub": hub, "ledger": ledger, "governor": governor, "settings": settings},
+        override_serve_options=options,
+        deployment_cls=serve.ingress()(FactoryLLMServer),
+    )
+    if cfg.routing.policy != "energy":
+        return engines  # HAProxy balances by least connections
+    router = serve.deployment(
+        FactoryRouter,
+        name="FactoryRouter",
         num_replicas=1,
-        # The ingress does little CPU work per request; reserving none lets it be placed on a
-        # 2-core machine beside the engines.
-        ray_actor_options={
-            "num_cpus": 0,
-            "runtime_env": {"env_vars": {"RAY_SERVE_LLM_ROUTER_HTTP_TIMEOUT": str(cfg.server.request_timeout_s)}},
-        },
+        # On the request path once per request, light: no CPU reserved, no per-request access line.
+        ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=100_000,
-        graceful_shutdown_timeout_s=drain_s,
-    )
-    return ingress.bind(
-        llm_deployments=llm_deployments,
-        model_cards=model_cards,
-        hub=hub,
-        ledger=ledger,
-        governor=governor,
-        priorities=energy,
-        auth_required=cfg.auth == "required",
-        tokenizers={m.served_name: resolved[m.served_name].path_or_id for m in cfg.models},
-        max_model_len={m.served_name: m.max_model_len for m in cfg.models},
-        currency=cfg.cost.currency,
-    )
+        logging_config={"enable_access_log": False},
+    ).bind(engines)
+    return with_ingress_request_router(engines, router)
 
 
-def _scheduler_settings(cfg: FactoryConfig, gpu: bool) -> dict:
+def _scheduler_settings(cfg: FactoryConfig, gpu: bool) -> SchedulerSettings:
     """What the energy-aware scheduler in each engine is told (through the replica's environment)."""
     path = cfg.scheduler.profile_path(gpu)
     if path is not None and not path.exists():
         if cfg.scheduler.profile != "auto":
             raise FileNotFoundError(f"scheduler.profile {path} does not exist")
         path = None  # no bundled profile for this device: the curve is learnt from the first steps
-    return {
-        "slo": {"ttft_s": cfg.scheduler.slo.ttft_ms / 1000.0, "tpot_s": cfg.scheduler.slo.tpot_ms / 1000.0},
-        "profile": str(path) if path is not None else None,
-        "actuators": cfg.power.actuators.model_dump(),
-        "admission_horizon_tokens": cfg.scheduler.admission_horizon_tokens,
-    }
+    return SchedulerSettings(
+        slo_ttft_s=cfg.scheduler.slo.ttft_s,
+        slo_tpot_s=cfg.scheduler.slo.tpot_s,
+        profile=str(path) if path is not None else None,
+        admission_horizon_tokens=cfg.scheduler.admission_horizon_tokens,
+        nvml_power_limit=cfg.power.actuators.nvml_power_limit,
+        nvml_locked_clocks=cfg.power.actuators.nvml_locked_clocks,
+    )
 
 
 def build(args: dict) -> Application:

@@ -73,7 +73,7 @@ class RayConfig(_Strict):
         ge=1,
         description=(
             "Logical CPUs a local Ray advertises. More than the cores on purpose: Ray schedules by "
-            "logical CPUs, and on a 2-core machine the ingress would otherwise never be placed."
+            "logical CPUs, and on a 2-core machine the hub, ledger, governor and router would otherwise never be placed beside the engine."
         ),
     )
     dashboard: bool = Field(False, description="Start Ray's own dashboard (costs memory and a process).")
@@ -123,22 +123,6 @@ class ModelConfig(_Strict):
     replica_num_cpus: float = Field(
         1.0, ge=0, description="Logical Ray CPUs each replica reserves (placement only, not a core pin)."
     )
-    stream_batching_interval_ms: float = Field(
-        0.0,
-        ge=0,
-        description=(
-            "Ray Serve LLM groups streamed chunks over this window before sending them across the "
-            "Ray hop. 0 sends each chunk as soon as it exists (lowest latency)."
-        ),
-    )
-    router: Literal["energy", "power_of_two"] = Field(
-        "energy",
-        description=(
-            "How the ingress picks this model's replica for a request. energy: the factory's router "
-            "(factory/policy/routing.py), which weighs what a token costs in joules on each replica "
-            "against its load; power_of_two: Ray Serve's default, the less loaded of two random replicas."
-        ),
-    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra vLLM engine arguments, passed through unchanged (e.g. enable_prefix_caching).",
@@ -162,6 +146,29 @@ class ModelConfig(_Strict):
     def served_name(self) -> str:
         """The id clients use; derived from the source when `name` is not set."""
         return self.name or default_served_name(self.source)
+
+
+class RoutingConfig(_Strict):
+    policy: Literal["energy", "leastconn"] = Field(
+        "energy",
+        description=(
+            "How a request's replica is picked. energy: HAProxy asks the factory's router once per "
+            "request (a replica of the request's model; prefix affinity, fill to the efficient batch, "
+            "throttled replicas last: factory/policy/routing.py). leastconn: HAProxy's own least-connections "
+            "balance, no router call (one model only: it cannot read the request's model)."
+        ),
+    )
+    body_limit_kib: int = Field(
+        256,
+        ge=16,
+        le=65536,
+        description=(
+            "How much of a request body HAProxy buffers and forwards to the router, KiB. Routing needs "
+            "the model and the prompt's first blocks; a longer body is cut (still routed to its model, "
+            "without prefix affinity). HAProxy sizes every buffer to this, so memory grows with it "
+            "times the connections open."
+        ),
+    )
 
 
 class LedgerConfig(_Strict):
@@ -214,6 +221,10 @@ class TelemetryConfig(_Strict):
             "memory-bound, so a prefill token costs less; a calibrated profile supplies the real ratio."
         ),
     )
+
+    @property
+    def sample_interval_s(self) -> float:
+        return self.sample_interval_ms / 1000.0
 
     @model_validator(mode="after")
     def _max_above_idle(self) -> TelemetryConfig:
@@ -311,6 +322,14 @@ class SloConfig(_Strict):
         ),
     )
 
+    @property
+    def ttft_s(self) -> float:
+        return self.ttft_ms / 1000.0
+
+    @property
+    def tpot_s(self) -> float:
+        return self.tpot_ms / 1000.0
+
 
 class SchedulerConfig(_Strict):
     policy: Literal["energy", "stock"] = Field(
@@ -388,6 +407,10 @@ class GovernorConfig(_Strict):
             "50 ms outruns the power readings it acts on; slower than 10 s lets a budget cut overshoot."
         ),
     )
+
+    @property
+    def interval_s(self) -> float:
+        return self.interval_ms / 1000.0
     slow_below: float = Field(
         0.75,
         gt=0,
@@ -475,6 +498,10 @@ _SHADOWED_ENGINE_KWARGS = {
 }
 
 
+# Fields that decide what Ray reserves for a replica (CPUs, GPUs, the placement group).
+_REPLICA_SHAPE = ("device", "tensor_parallel_size", "replica_num_cpus")
+
+
 class FactoryConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig, description="HTTP side.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster to run on.")
@@ -489,6 +516,7 @@ class FactoryConfig(_Strict):
             "quota; allowed only on a loopback address unless server.allow_unauthenticated."
         ),
     )
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Which replica takes a request.")
     ledger: LedgerConfig = Field(default_factory=LedgerConfig, description="Where usage and quotas live.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Power measurement.")
     scheduler: SchedulerConfig = Field(
@@ -504,6 +532,22 @@ class FactoryConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"models: served names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_replica_shape(self) -> FactoryConfig:
+        # Every replica of the one engine deployment behind the API port can serve any model, so
+        # all models share Ray's resource shape of a replica.
+        first = self.models[0]
+        for m in self.models[1:]:
+            differ = [f for f in _REPLICA_SHAPE if getattr(m, f) != getattr(first, f)]
+            if differ:
+                raise ValueError(
+                    f"models: {m.served_name} differs from {first.served_name} in {', '.join(differ)}; models "
+                    "on one port share one replica shape (serve another shape from a second factory)"
+                )
+        if self.routing.policy == "leastconn" and len(self.models) > 1:
+            raise ValueError("routing.policy leastconn cannot route by model: use energy with several models")
         return self
 
     @model_validator(mode="after")

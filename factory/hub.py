@@ -1,9 +1,15 @@
-"""The state hub: where replicas report once a second and the ingress reads.
+"""The state hub: where engine replicas report once a second and learn the factory's state.
 
-A one-replica Ray Serve deployment (no CPU reserved) in the same application as the ingress and
-the engines, so `serve run`, multi-node clusters and restarts need nothing outside the app.
-Replicas push their engine metrics and liveness here; the ingress asks for readiness (cached, off
-the request path) and for metrics once per scrape. Nothing here is called once per token.
+A one-replica Ray Serve deployment (no CPU reserved) in the same application as the engines, so
+`serve run`, multi-node clusters and restarts need nothing outside the app. Each replica
+- asks, once at start, which model it should serve (`assign`): every replica of the one engine
+  deployment can serve any configured model, and the hub hands out the model furthest below
+  its configured replica count, so a replacement takes over the model of the replica it replaces;
+- polls twice a second (`replica_poll`): it says how many requests it has in flight (the drain
+  waits on that) and learns readiness and whether the factory is draining, off the request path;
+- reports once a second (`report`): liveness and its metric families, read once per `/metrics`
+  scrape and by the dashboard.
+Nothing here is called once per request, let alone once per token.
 """
 
 from __future__ import annotations
@@ -31,16 +37,43 @@ class ReplicaReport:
 
 
 class StateHub:
-    """Replica liveness and engine metrics, keyed by replica id."""
+    """Replica liveness, model assignment and engine metrics, keyed by replica id."""
 
     def __init__(self, expected_replicas: dict[str, int], max_num_seqs: dict[str, int] | None = None):
         self._expected = dict(expected_replicas)
         self._max_num_seqs = dict(max_num_seqs or {})
         self._reports: dict[str, ReplicaReport] = {}
         self._draining_since_s: float | None = None
-        # ingress replica id -> (requests in flight, when it said so)
-        self._ingress: dict[str, tuple[int, float]] = {}
+        # replica id -> (requests in flight, when it said so)
+        self._polls: dict[str, tuple[int, float]] = {}
+        self._assigned: dict[str, str] = {}  # replica id -> model
         self._history: dict[str, ReplicaHistory] = {}
+        # The replicas the proxy routes to, as the launcher last read them; None = not known.
+        self._routable: frozenset[str] | None = None
+
+    def assign(self, replica_id: str) -> str:
+        """The model a starting replica serves: the one missing the largest share of its replicas
+        (live or starting ones count), so every model gets its first replica before any gets a
+        second; ties go by the config's order. Asking again gives the same answer."""
+        if replica_id in self._assigned:
+            return self._assigned[replica_id]
+        self._polls[replica_id] = (0, time.monotonic())
+        present = {m: 0 for m in self._expected}
+        for rid, model in self._assigned.items():
+            if self._alive(rid) and model in present:
+                present[model] += 1
+        model = max(self._expected, key=lambda m: (self._expected[m] - present[m]) / self._expected[m])
+        self._assigned[replica_id] = model
+        return model
+
+    def _alive(self, replica_id: str) -> bool:
+        """Polled or reported lately (a starting replica polls before its engine is up)."""
+        now = time.monotonic()
+        polled = self._polls.get(replica_id)
+        report = self._reports.get(replica_id)
+        return (polled is not None and now - polled[1] < STALE_AFTER_S) or (
+            report is not None and now - report.reported_at_s < STALE_AFTER_S
+        )
 
     def report(self, replica_id: str, model: str, families: list[Metric]) -> None:
         facts = replica_facts(families)
@@ -51,10 +84,15 @@ class StateHub:
         now = time.monotonic()
         return [r for r in self._reports.values() if now - r.reported_at_s < STALE_AFTER_S]
 
+    def set_routable(self, replica_ids: list[str] | None) -> None:
+        """The replicas the proxy routes to (the launcher reads HAProxy's stats); None: unknown."""
+        self._routable = None if replica_ids is None else frozenset(replica_ids)
+
     def readiness(self) -> dict[str, Any]:
-        """Per model: replicas expected and serving; ready when every model has them all and
-        the factory is not draining."""
-        live = self._live()
+        """Per model: replicas expected and serving (live, and routed to by the proxy once the
+        launcher has said which are); ready when every model has them all and the factory is not
+        draining."""
+        live = [r for r in self._live() if self._routable is None or r.replica_id in self._routable]
         models = {}
         for model, expected in self._expected.items():
             serving = sum(1 for r in live if r.model == model)
@@ -63,22 +101,22 @@ class StateHub:
         ready = not draining and all(m["serving"] >= m["expected"] for m in models.values())
         return {"ready": ready, "draining": draining, "models": models}
 
-    def ingress_poll(self, ingress_id: str, in_flight: int) -> dict[str, Any]:
-        """An ingress replica's periodic call: it says its load, it learns readiness."""
-        self._ingress[ingress_id] = (in_flight, time.monotonic())
+    def replica_poll(self, replica_id: str, in_flight: int) -> dict[str, Any]:
+        """A replica's periodic call: it says its load, it learns readiness."""
+        self._polls[replica_id] = (in_flight, time.monotonic())
         return self.readiness()
 
     def start_draining(self) -> None:
-        """From now on ingresses refuse new requests (503); in-flight ones run to the end."""
+        """From now on replicas refuse new requests (503); in-flight ones run to the end."""
         if self._draining_since_s is None:
             self._draining_since_s = time.monotonic()
 
     def in_flight(self) -> int | None:
-        """Requests still running across live ingresses, counted only from reports made after
+        """Requests still running across live replicas, counted only from polls made after
         draining began (earlier counts could miss requests admitted just before); None until then."""
         since = self._draining_since_s
         now = time.monotonic()
-        fresh = [(n, t) for n, t in self._ingress.values() if now - t < STALE_AFTER_S]
+        fresh = [(n, t) for n, t in self._polls.values() if now - t < STALE_AFTER_S]
         if since is None or not fresh or any(t <= since for _, t in fresh):
             return None
         return sum(n for n, _ in fresh)
@@ -91,7 +129,7 @@ class StateHub:
 
     def dashboard(self, with_history: bool) -> dict[str, Any]:
         """Per-replica rows (live or gone) and, on request, their last 15 minutes. Budgets and
-        throttle state come from the governor (the ingress merges them in)."""
+        throttle state come from the governor (the replica answering merges them in)."""
         live = {r.replica_id for r in self._live()}
         rows = []
         for r in self._reports.values():

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,21 +26,36 @@ import psutil
 
 from factory.config import FactoryConfig, parse_config
 from factory.models import ModelPullError, ModelSourceError, ResolvedModel, resolve
+from factory.priorities import settle_priorities
+from factory.ray_seams import haproxy_replicas, serve_environment
 
 log = logging.getLogger("factory")
 
 APP_NAME = "factory"
+# The engine deployment's name (factory/app.py builds it; HAProxy's stats name its replicas by it).
+ENGINE_DEPLOYMENT = "FactoryEngine"
 
 READY_POLL_S = 1.0
 # Once serving, Serve's own controller restarts failed replicas; the launcher only watches for a
 # failed application, and polling serve.status() once a second kept the launcher at 3 % of a
 # core under load on the 2-core machine (CPU the engine wants); every 10 s it drops out of sight.
 SERVING_POLL_S = 10.0
+# How often the launcher tells the hub which replicas HAProxy routes to (one local HTTP call):
+# /ready counts a replica only once HAProxy's reloaded config has it.
+ROUTABLE_POLL_S = 1.0
+# `flat` leaves every process at Ray's worker niceness (for measuring what factory/priorities.py buys).
+PRIORITIES_ENV = "FACTORY_PRIORITIES"
 
 
 def resolve_models(cfg: FactoryConfig) -> dict[str, ResolvedModel]:
     """Resolve every model source before Ray starts (pulls embedded models on first use)."""
     return {m.served_name: resolve(m.source) for m in cfg.models}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _local_url(cfg: FactoryConfig) -> str:
@@ -113,14 +129,22 @@ def serve_forever(cfg: FactoryConfig) -> int:
     log.info("models: %s", {k: v.path_or_id for k, v in resolved.items()})
 
     joined = cfg.ray.address is not None
+    ports = {name: _free_port() for name in ("stats", "metrics", "fallback_http", "fallback_grpc")}
+    serve_env = serve_environment(
+        request_timeout_s=cfg.server.request_timeout_s,
+        route_body_limit_bytes=cfg.routing.body_limit_kib * 1024 if cfg.routing.policy == "energy" else None,
+        ports=ports,
+    )
     if joined:
-        ray.init(address=cfg.ray.address, namespace="factory")
+        # Serve's processes on the cluster read the data path's switches from the job's environment.
+        ray.init(address=cfg.ray.address, namespace="factory", runtime_env={"env_vars": serve_env})
     else:
         # Ray starts workers at nice 15; the engine then loses the CPU to everything else on the
         # node. Stock vLLM runs at nice 0, and so do we (DESIGN §3).
         os.environ.setdefault("RAY_worker_niceness", "0")
         # An operator's node does not report usage to Ray's maintainers unless it opts in.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.update(serve_env)
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, namespace="factory")
     stop.install()  # ray.init installs handlers of its own; ours must win so we can drain.
     # Replicas go wherever Ray places them, so ask the cluster, not this node: a CPU-only head
@@ -129,7 +153,13 @@ def serve_forever(cfg: FactoryConfig) -> int:
     log.info("Ray cluster: %s", "GPUs found" if gpu_available else "no GPU, replicas run on CPU")
     outcome = 1
     try:
-        serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+        serve.start(
+            http_options={
+                "host": cfg.server.host,
+                "port": cfg.server.port,
+                "request_timeout_s": cfg.server.request_timeout_s,
+            }
+        )
         # Deploy by import path: Serve builds the graph in a short-lived task, so this process
         # never imports vLLM and torch (~520 MB it would hold for the server's whole life).
         app = ServeApplicationSchema(
@@ -143,22 +173,32 @@ def serve_forever(cfg: FactoryConfig) -> int:
             },
         )
         _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
-        outcome = _wait(cfg, stop, started)
+        outcome = _wait(cfg, stop, started, ports["stats"])
     finally:
         _shutdown(cfg, joined)
     return outcome
 
 
-def _wait(cfg: FactoryConfig, stop: _Stop, started: float) -> int:
+def _wait(cfg: FactoryConfig, stop: _Stop, started: float, stats_port: int) -> int:
     from ray import serve
 
     base = _local_url(cfg)
     announced, last_state = False, ""
-    while not stop.event.wait(SERVING_POLL_S if announced else READY_POLL_S):
+    me = psutil.Process(os.getpid())
+    background_nice = os.environ.get(PRIORITIES_ENV, "background") != "flat"
+    routable = _Routable(stats_port)
+    next_look = 0.0
+    while not stop.event.wait(ROUTABLE_POLL_S):
+        routable.tell_hub()
+        if time.monotonic() < next_look:
+            continue
+        next_look = time.monotonic() + (SERVING_POLL_S if announced else READY_POLL_S)
         app = serve.status().applications.get(APP_NAME)
         if app is not None and app.status == "DEPLOY_FAILED":
             log.error("deployment failed: %s", app.message)
             return 1
+        if background_nice:
+            settle_priorities(me)  # processes (re)started since the last look
         if announced:
             continue
         ok, state = _ready(base)
@@ -170,6 +210,35 @@ def _wait(cfg: FactoryConfig, stop: _Stop, started: float) -> int:
             last_state = state
     log.info("%s received: draining in-flight requests (up to %.0fs)", stop.signal_name, cfg.server.drain_timeout_s)
     return 0
+
+
+class _Routable:
+    """Tells the hub which engine replicas this node's HAProxy routes to, when that changes (and
+    every SERVING_POLL_S, in case the hub was restarted): a replica that serves but is not yet in
+    HAProxy's reloaded config does not count toward /ready."""
+
+    def __init__(self, stats_port: int):
+        self._stats_port = stats_port
+        self._told: frozenset[str] | None = None
+        self._told_at = 0.0
+        self._hub = None
+
+    def tell_hub(self) -> None:
+        from ray import serve
+
+        ids = haproxy_replicas(self._stats_port, APP_NAME, ENGINE_DEPLOYMENT)
+        now = time.monotonic()
+        current = None if ids is None else frozenset(ids)
+        if current == self._told and now - self._told_at < SERVING_POLL_S:
+            return
+        try:
+            if self._hub is None:
+                self._hub = serve.get_deployment_handle("StateHub", app_name=APP_NAME)
+            self._hub.set_routable.remote(None if current is None else sorted(current)).result(timeout_s=5)
+        except Exception as err:  # the app is not deployed yet, or the hub is being replaced
+            log.debug("routable replicas not passed to the hub: %s", err)
+            return
+        self._told, self._told_at = current, now
 
 
 def _shutdown(cfg: FactoryConfig, joined: bool) -> None:
@@ -195,7 +264,7 @@ def _shutdown(cfg: FactoryConfig, joined: bool) -> None:
 
 
 def _drain(timeout_s: float) -> None:
-    """Refuse new requests, then wait until the ingresses report none in flight."""
+    """Refuse new requests, then wait until the replicas report none in flight."""
     from ray import serve
 
     deadline = time.monotonic() + timeout_s

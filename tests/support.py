@@ -62,7 +62,8 @@ class FactoryProcess:
         self.proc = subprocess.Popen(
             [str(FACTORY_BIN), "serve", str(config)], stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy()
         )
-        self.seen_while_starting: list[httpx.Response] = []
+        # A chat request sent before the factory was ready, and what it got (see wait_ready).
+        self.early_request: dict = {}
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -70,32 +71,46 @@ class FactoryProcess:
     def wait_ready(
         self, timeout_s: float = 420, probe_chat_model: str | None = None, probe_headers: dict | None = None
     ) -> None:
-        """Poll /ready; keep the 503s seen on the way (and one chat attempt) for tests to inspect."""
+        """Poll /ready until 200. With `probe_chat_model`, a chat request is sent as soon as the
+        application is deployed (before that, for the few seconds Serve takes to build it, HAProxy
+        answers 404 in plain text: load balancers gate on /ready), long before the engine is up; its
+        answer is kept in `early_request` for tests to inspect (a client that comes early must lose
+        nothing)."""
         deadline = time.monotonic() + timeout_s
+        probe: threading.Thread | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"factory serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            deployed = False
             try:
-                r = httpx.get(self.base_url + "/ready", timeout=5)
+                r = httpx.get(self.base_url + "/ready", timeout=2)
                 if r.status_code == 200:
+                    if probe is not None:
+                        probe.join(timeout_s)
                     return
-                # Until the app's routes exist (about a second after the proxy binds), Ray Serve's
-                # proxy itself answers 404 in plain text; from then on the ingress answers.
-                from_ingress = r.headers.get("content-type", "").startswith("application/json")
-                if from_ingress and not self.seen_while_starting and probe_chat_model:
-                    self.seen_while_starting.append(r)
-                    self.seen_while_starting.append(
-                        httpx.post(
-                            self.base_url + "/v1/chat/completions",
-                            json={"model": probe_chat_model, "messages": [{"role": "user", "content": "hi"}]},
-                            headers=probe_headers,
-                            timeout=10,
-                        )
-                    )
+                deployed = r.headers.get("content-type", "").startswith("application/json")
+            except httpx.TimeoutException:
+                deployed = True  # Serve's fallback proxy holds requests until a replica serves
             except httpx.HTTPError:
                 pass
+            if probe is None and probe_chat_model and deployed:
+                probe = threading.Thread(target=self._early_chat, args=(probe_chat_model, probe_headers, timeout_s))
+                probe.start()
             time.sleep(0.5)
         raise TimeoutError(f"factory not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def _early_chat(self, model: str, headers: dict | None, timeout_s: float) -> None:
+        self.early_request["sent_at"] = time.monotonic()
+        try:
+            self.early_request["response"] = httpx.post(
+                self.base_url + "/v1/chat/completions",
+                json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                headers=headers,
+                timeout=timeout_s,
+            )
+        except httpx.HTTPError as err:
+            self.early_request["error"] = err
+        self.early_request["answered_at"] = time.monotonic()
 
     def descendants(self) -> list[psutil.Process]:
         try:

@@ -1,4 +1,4 @@
-"""The operator's `/admin` HTTP API and the tenant's own `/v1/usage`, on the ingress.
+"""The operator's `/admin` HTTP API and the tenant's own `/v1/usage`, on every replica.
 
 Mirrors the `factory tenants|keys|packages|usage` commands; every call goes to the ledger
 deployment. With `auth: required`, `/admin` needs the admin key (401 without a valid key, 403
@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from fastapi import Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
@@ -63,129 +63,121 @@ def missing_key() -> APIError:
     )
 
 
-class AdminRoutes:
-    """Mixed into the ingress; expects `self._ledger` (handle) and `self._auth_required`."""
-
-    async def _caller(self, request: Request) -> dict[str, Any] | None:
-        """Who is calling (from the ledger), None when auth is disabled; 401 on a bad key."""
-        if not self._auth_required:
-            return None
-        token = bearer_token(request)
-        if token is None:
-            raise missing_key()
-        who = await self._ledger.authenticate.remote(token)
-        if who is None:
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return who
-
-    async def _require_admin(self, request: Request) -> None:
-        who = await self._caller(request)
-        if who is not None and not who["admin"]:
-            raise APIError(403, "This route needs the admin key.", code="admin_key_required")
-
-    async def _ledger_op(self, op: str, **kwargs: Any) -> Any:
-        answer = await self._ledger.admin.remote(op, kwargs)
-        if not answer["ok"]:
-            raise APIError(answer["status"], answer["message"], code=answer.get("code"))
-        return answer["result"]
-
-    async def admin_list_tenants(self, request: Request) -> JSONResponse:
-        await self._require_admin(request)
-        return JSONResponse({"data": await self._ledger_op("list_tenants")})
-
-    async def admin_create_tenant(self, body: TenantIn, request: Request) -> JSONResponse:
-        await self._require_admin(request)
-        return JSONResponse(await self._ledger_op("create_tenant", name=body.name, priority=body.priority), 201)
-
-    async def admin_list_keys(self, request: Request, tenant: str | None = None) -> JSONResponse:
-        await self._require_admin(request)
-        return JSONResponse({"data": await self._ledger_op("list_keys", tenant=tenant)})
-
-    async def admin_create_key(self, body: KeyIn, request: Request) -> JSONResponse:
-        await self._require_admin(request)
-        result = await self._ledger_op("create_key", tenant=body.tenant, admin=body.admin, label=body.label)
-        return JSONResponse(result, 201)
-
-    async def admin_revoke_key(self, key_id: str, request: Request) -> JSONResponse:
-        await self._require_admin(request)
-        if not await self._ledger_op("revoke_key", key_id=key_id):
-            raise APIError(404, f"No active key with id '{key_id}'.", code="key_not_found")
-        return JSONResponse({"key_id": key_id, "revoked": True})
-
-    async def admin_grant_package(self, body: PackageIn, request: Request) -> JSONResponse:
-        await self._require_admin(request)
-        result = await self._ledger_op(
-            "grant_package",
-            tenant=body.tenant,
-            tokens=body.tokens,
-            expires_at=body.expires_at,
-            price=body.price,
-            currency=body.currency,
-        )
-        return JSONResponse(result, 201)
-
-    async def admin_list_packages(self, request: Request, tenant: str = Query(...)) -> JSONResponse:
-        await self._require_admin(request)
-        packages = await self._ledger_op("list_packages", tenant=tenant)
-        return JSONResponse({"data": packages, "balance": await self._ledger_op("balance", tenant=tenant)})
-
-    async def admin_usage(
-        self,
-        request: Request,
-        tenant: str | None = None,
-        since: datetime | None = None,
-        format: Literal["json", "csv"] = "json",
-        summary: bool = False,
-    ) -> Response:
-        await self._require_admin(request)
-        return await self._usage_response(tenant, since, format, summary)
-
-    async def tenant_usage(
-        self, request: Request, since: datetime | None = None, format: Literal["json", "csv"] = "json"
-    ) -> Response:
-        """A tenant's own usage and balance; a key never sees another tenant's rows."""
-        who = await self._caller(request)
-        if who is None:  # auth disabled: everything is booked to 'anonymous' (absent until its first request)
-            try:
-                return await self._usage_response("anonymous", since, format, False)
-            except APIError as err:
-                if err.status != 404:
-                    raise
-                return JSONResponse({"data": []})
-        if who["tenant"] is None:
-            raise APIError(
-                403, "The admin key has no usage of its own; use /admin/usage.", code="admin_key_not_allowed"
-            )
-        return await self._usage_response(who["tenant"]["name"], since, format, False, with_balance=True)
-
-    async def _usage_response(
-        self, tenant: str | None, since: datetime | None, fmt: str, summary: bool, with_balance: bool = False
-    ) -> Response:
-        if since is not None and since.tzinfo is None:
-            since = since.replace(tzinfo=UTC)  # a bare date or time means UTC
-        op = "usage_summary" if summary else "usage"
-        rows = await self._ledger_op(op, tenant=tenant, since=since)
-        if fmt == "csv":
-            buf = io.StringIO()
-            if rows:
-                w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
-            return Response(buf.getvalue(), media_type="text/csv")
-        body: dict[str, Any] = {"data": rows}
-        if with_balance:
-            body["balance"] = await self._ledger_op("balance", tenant=tenant)
-        return JSONResponse(body)
+router = APIRouter()
 
 
-ADMIN_ENDPOINTS = {
-    "admin_list_tenants": lambda app: app.get("/admin/tenants"),
-    "admin_create_tenant": lambda app: app.post("/admin/tenants"),
-    "admin_list_keys": lambda app: app.get("/admin/keys"),
-    "admin_create_key": lambda app: app.post("/admin/keys"),
-    "admin_revoke_key": lambda app: app.delete("/admin/keys/{key_id}"),
-    "admin_grant_package": lambda app: app.post("/admin/packages"),
-    "admin_list_packages": lambda app: app.get("/admin/packages"),
-    "admin_usage": lambda app: app.get("/admin/usage"),
-    "tenant_usage": lambda app: app.get("/v1/usage"),
-}
+def _ctx(request: Request):
+    return request.app.state.factory
+
+
+@router.get("/admin/tenants")
+async def admin_list_tenants(request: Request) -> JSONResponse:
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    return JSONResponse({"data": await ctx.ledger_op("list_tenants")})
+
+
+@router.post("/admin/tenants")
+async def admin_create_tenant(body: TenantIn, request: Request) -> JSONResponse:
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    return JSONResponse(await ctx.ledger_op("create_tenant", name=body.name, priority=body.priority), 201)
+
+
+@router.get("/admin/keys")
+async def admin_list_keys(request: Request, tenant: str | None = None) -> JSONResponse:
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    return JSONResponse({"data": await ctx.ledger_op("list_keys", tenant=tenant)})
+
+
+@router.post("/admin/keys")
+async def admin_create_key(body: KeyIn, request: Request) -> JSONResponse:
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    result = await ctx.ledger_op("create_key", tenant=body.tenant, admin=body.admin, label=body.label)
+    return JSONResponse(result, 201)
+
+
+@router.delete("/admin/keys/{key_id}")
+async def admin_revoke_key(key_id: str, request: Request) -> JSONResponse:
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    if not await ctx.ledger_op("revoke_key", key_id=key_id):
+        raise APIError(404, f"No active key with id '{key_id}'.", code="key_not_found")
+    return JSONResponse({"key_id": key_id, "revoked": True})
+
+
+@router.post("/admin/packages")
+async def admin_grant_package(body: PackageIn, request: Request) -> JSONResponse:
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    result = await ctx.ledger_op(
+        "grant_package",
+        tenant=body.tenant,
+        tokens=body.tokens,
+        expires_at=body.expires_at,
+        price=body.price,
+        currency=body.currency,
+    )
+    return JSONResponse(result, 201)
+
+
+@router.get("/admin/packages")
+async def admin_list_packages(request: Request, tenant: str = Query(...)) -> JSONResponse:
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    packages = await ctx.ledger_op("list_packages", tenant=tenant)
+    return JSONResponse({"data": packages, "balance": await ctx.ledger_op("balance", tenant=tenant)})
+
+
+@router.get("/admin/usage")
+async def admin_usage(
+    request: Request,
+    tenant: str | None = None,
+    since: datetime | None = None,
+    format: Literal["json", "csv"] = "json",
+    summary: bool = False,
+) -> Response:
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    return await _usage_response(ctx, tenant, since, format, summary)
+
+
+@router.get("/v1/usage")
+async def tenant_usage(
+    request: Request, since: datetime | None = None, format: Literal["json", "csv"] = "json"
+) -> Response:
+    """A tenant's own usage and balance; a key never sees another tenant's rows."""
+    ctx = _ctx(request)
+    who = await ctx.caller(request)
+    if who is None:  # auth disabled: everything is booked to 'anonymous' (absent until its first request)
+        try:
+            return await _usage_response(ctx, "anonymous", since, format, False)
+        except APIError as err:
+            if err.status != 404:
+                raise
+            return JSONResponse({"data": []})
+    if who["tenant"] is None:
+        raise APIError(403, "The admin key has no usage of its own; use /admin/usage.", code="admin_key_not_allowed")
+    return await _usage_response(ctx, who["tenant"]["name"], since, format, False, with_balance=True)
+
+
+async def _usage_response(
+    ctx, tenant: str | None, since: datetime | None, fmt: str, summary: bool, with_balance: bool = False
+) -> Response:
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)  # a bare date or time means UTC
+    op = "usage_summary" if summary else "usage"
+    rows = await ctx.ledger_op(op, tenant=tenant, since=since)
+    if fmt == "csv":
+        buf = io.StringIO()
+        if rows:
+            w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        return Response(buf.getvalue(), media_type="text/csv")
+    body: dict[str, Any] = {"data": rows}
+    if with_balance:
+        body["balance"] = await ctx.ledger_op("balance", tenant=tenant)
+    return JSONResponse(body)

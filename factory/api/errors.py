@@ -2,8 +2,8 @@
 
 `{"error": {"message", "type", "param", "code"}}`, the status code in HTTP only. Client mistakes
 are 4xx with a message that says what to fix; server faults are 500 without internals (they are
-logged with the request id instead). Handlers are installed on the ingress FastAPI app, so they
-run inside Ray Serve LLM's own exception middleware and win over its formatting.
+logged with the request id instead). Handlers are installed on every replica's FastAPI app
+(factory/api/app.py), so vLLM's and Ray's exceptions reach the client in this shape too.
 """
 
 from __future__ import annotations

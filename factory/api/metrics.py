@@ -1,5 +1,7 @@
-"""Prometheus exposition for the ingress: the factory's own `factory_*` metrics plus every
-replica's `vllm:*` engine metrics, relabelled with the replica they came from.
+"""Prometheus exposition of the whole factory from any replica: every replica's `vllm:*` engine
+series, its `factory_*` power, energy and HTTP series (each replica sends them to the state hub
+once a second), relabelled with the replica they came from; the factory-wide series (readiness,
+the ledger's and the governor's) as they are.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # Paths whose traffic is counted per endpoint; everything else is one "other" series, so a
 # client probing random URLs cannot blow up label cardinality.
 _API_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models"}
+DURATION_ALPHA = 0.1  # weight of each new request in the typical POST duration
 
 
 class FactoryMetrics:
-    """The ingress's own metrics, in a registry of their own (not the process-global one)."""
+    """One replica's HTTP metrics (in a registry of their own, not the process-global one, which
+    holds vLLM's) and its view of the factory's readiness."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "factory_http_requests",
-            "HTTP requests answered by the ingress.",
+            "HTTP requests answered, by the replica that answered.",
             ["path", "status"],
             registry=self.registry,
         )
@@ -36,18 +40,29 @@ class FactoryMetrics:
             registry=self.registry,
         )
         self.in_flight_now = 0
+        self.posts_received = 0  # what the router counts its picks against (routing stats)
+        self.post_duration_s: float | None = None  # EWMA of how long a POST takes to its last byte
         Gauge(
             "factory_http_requests_in_flight", "Requests admitted and not yet fully answered.", registry=self.registry
         ).set_function(lambda: self.in_flight_now)
+        self._readiness_registry = CollectorRegistry(auto_describe=True)
         self.replicas_serving = Gauge(
             "factory_replicas_serving",
             "Replicas that reported in the last few seconds.",
             ["model"],
-            registry=self.registry,
+            registry=self._readiness_registry,
         )
         self.replicas_expected = Gauge(
-            "factory_replicas_expected", "Replicas the config asks for.", ["model"], registry=self.registry
+            "factory_replicas_expected", "Replicas the config asks for.", ["model"], registry=self._readiness_registry
         )
+
+    def observe_post(self, seconds: float) -> None:
+        last = self.post_duration_s
+        self.post_duration_s = seconds if last is None else last + DURATION_ALPHA * (seconds - last)
+
+    def http_families(self) -> list[Metric]:
+        """This replica's HTTP series, for its report to the hub."""
+        return list(self.registry.collect())
 
     def observe_readiness(self, readiness: dict) -> None:
         for model, m in readiness.get("models", {}).items():
@@ -57,9 +72,9 @@ class FactoryMetrics:
     def exposition(
         self, replica_families: Iterable[tuple[str, list[Metric]]], app_families: Iterable[Metric] = ()
     ) -> bytes:
-        """Our own metrics, each replica's (`replica` label added) and app-wide ones (the ledger's)."""
+        """Readiness, each replica's series (`replica` label added) and app-wide ones (the ledger's)."""
         return (
-            generate_latest(self.registry)
+            generate_latest(self._readiness_registry)
             + generate_latest(_ReplicaCollector(replica_families))
             + generate_latest(_Families(app_families))
         )
@@ -67,7 +82,7 @@ class FactoryMetrics:
 
 @functools.cache
 def factory_metrics() -> FactoryMetrics:
-    """This process's FactoryMetrics, made on first use (the ingress app is rebuilt per replica)."""
+    """This process's FactoryMetrics, made on first use."""
     return FactoryMetrics()
 
 
@@ -124,7 +139,12 @@ class RequestMetricsMiddleware:
             return
         # In flight until the last byte of a stream is sent: what a drain must wait for.
         metrics.in_flight_now += 1
+        post = scope.get("method") == "POST"  # HAProxy asks the router for POSTs only
+        if post:
+            metrics.posts_received += 1
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             metrics.in_flight_now -= 1
+            if post:
+                metrics.observe_post(time.perf_counter() - started)

@@ -1,24 +1,26 @@
 """The engine replica: Ray Serve LLM's `LLMServer` (vLLM `AsyncLLM` + vLLM's OpenAI serving
-classes), plus what the factory adds per replica:
+classes) as the factory's HTTP ingress. HAProxy forwards each client connection to the replica
+its router picked; the replica answers the request whole (factory/api/app.py):
 
-- metering: the engine meter (inside vLLM's EngineCore, see factory/engine/meter.py) reports
-  each request's energy here; a finished request's usage gets `energy_joules` and `cost`, is
-  settled in the ledger (committed before the client sees the usage), and only then is sent;
+- the model it serves is the hub's answer at start (every replica of the one engine deployment
+  can serve any configured model; the router sends each request to a replica of its model);
+- keys, reservation and the power gate in the replica, at vLLM's own engine call
+  (factory/api/admission.py); settlement from the engine meter's final record (billing.py);
 - a once-a-second report to the state hub: liveness, vLLM's `vllm:*` families and the replica's
-  `factory_*` power, energy and token families;
-- the power governor's control, with the energy-aware scheduler: the replica reports its power
-  to the governor (a long poll) and passes each new cap down the engine's control socket.
+  `factory_*` power, energy, token and HTTP families; twice a second, readiness and drain state
+  back from it;
+- the power governor's control: the replica reports its power (a long poll) and passes each new
+  cap down the engine's control socket; it follows the governor's admission rules the same way.
+
+Shared state (ledger, governor, hub) is called once per request or polled off the request path;
+nothing here runs per token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncGenerator
-from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import ray
@@ -28,19 +30,22 @@ from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm import LLMConfig, LLMServer
 
-from factory.config import CostConfig, TelemetryConfig
-from factory.engine.meter import XARG_REQUEST, XARG_TENANT
+from factory.api.admission import MeteredEngineClient
+from factory.api.app import ReplicaContext, build_app
+from factory.api.metrics import factory_metrics
+from factory.config import TelemetryConfig
+from factory.engine.billing import Billing
 from factory.engine.replica_meter import ReplicaMeter
+from factory.engine.vllm_seams import serving_objects
+from factory.engine.wire import Control
 from factory.hub import REPORT_INTERVAL_S
-from factory.metering.cost import money_json
 from factory.metering.service import cost_model
 from factory.routing.stats import QUEUE_GAUGES, queue_lengths, routing_stats
 
 log = logging.getLogger("factory.engine")
 
-# The ingress says whether the client itself asked for a usage chunk (it always asks vLLM).
-XARG_CLIENT_USAGE = "factory_client_usage"
-FINAL_RECORD_TIMEOUT_S = 5.0
+POLL_S = 0.5  # readiness and drain state from the hub
+NODES_REFRESH_S = 30.0  # the cluster's node addresses (who may call a keyless factory)
 
 
 class FactoryLLMServer(LLMServer):
@@ -48,163 +53,118 @@ class FactoryLLMServer(LLMServer):
         self,
         llm_config: LLMConfig,
         *,
+        models: dict[str, LLMConfig],
         hub: DeploymentHandle,
         ledger: DeploymentHandle,
         governor: DeploymentHandle,
-        metering: dict[str, Any],
+        settings: dict[str, Any],
         **kwargs,
     ):
-        telemetry = TelemetryConfig(**metering["telemetry"])
-        self._meter = ReplicaMeter(telemetry, metering.get("scheduler")) if telemetry.enabled else None
-        self._governor = governor
+        """Returns once the engine serves: only then does Serve start the replica's HTTP server and
+        HAProxy send it requests. (vLLM's engine start blocks the event loop for most of its
+        duration, so a replica could not answer meanwhile anyway; while no replica of the factory
+        is up, Serve's fallback proxy holds requests until one is.)"""
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self._hub, self._ledger, self._governor = hub, ledger, governor
         self._control: dict[str, Any] = {"version": 0, "power_cap_w": None, "level": 0, "reason": "within budget"}
+        self._model = await hub.assign.remote(self._replica_id)
+        self._init_shared(models[self._model], **kwargs)  # LLMServer's own set-up, engine not started
+        telemetry: TelemetryConfig = settings["telemetry"]
+        self._scheduler = settings["scheduler"]
+        self._meter = ReplicaMeter(telemetry, self._scheduler) if telemetry.enabled else None
         if self._meter is not None:
             self._meter.export_engine_env()  # before the engine (and its EngineCore process) starts
             self._meter.start()
-        self._cost = cost_model(CostConfig(**metering["cost"]))
-        self._ledger = ledger
-        self._background: set[asyncio.Task] = set()
-        await super().__init__(llm_config, **kwargs)  # returns once the engine is up
-        self._hub = hub
-        self._model = llm_config.model_id
-        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        cost = cost_model(settings["cost"])
+        self._ctx = ReplicaContext(
+            model=self._model,
+            models=dict(settings["max_model_len"]),
+            billing=Billing(self._meter, cost, ledger, self._model, self._replica_id),
+            hub=hub,
+            ledger=ledger,
+            governor=governor,
+            auth_required=settings["auth_required"],
+            local_only=settings["local_only"],
+            currency=cost.currency,
+            replica_id=self._replica_id,
+        )
         self._node = ray.get_runtime_context().get_node_id()
+        # Polling from now on keeps this replica's model claim alive while its engine starts.
+        self._tasks = [asyncio.get_running_loop().create_task(self._poll_forever())]
+        log.info("replica %s serves %s; starting its engine", self._replica_id, self._model)
+        await self._start_serving()
+
+    async def _start_serving(self) -> None:
+        await self.start()  # LLMServer: the engine, vLLM's serving objects
+        serving = serving_objects(self.engine)
+        serving.install_engine_client(
+            MeteredEngineClient(serving.engine_client, serving.prompt_len, priorities=self._scheduler is not None)
+        )
+        self._ctx.serving = serving
         loop = asyncio.get_running_loop()
-        self._reporter = loop.create_task(self._report_forever())
-        self._governed = loop.create_task(self._govern_forever()) if metering.get("scheduler") else None
+        self._tasks += [loop.create_task(self._report_forever()), loop.create_task(self._follow_admission())]
+        if self._scheduler is not None:
+            self._tasks.append(loop.create_task(self._govern_forever()))
+        if self._ctx.local_only:
+            self._tasks.append(loop.create_task(self._watch_nodes()))
         log.info("replica %s of %s serving", self._replica_id, self._model)
+
+    async def __serve_build_asgi_app__(self):
+        """Ray Serve's late-bound ingress app: the factory's routes, nothing of vLLM's own app."""
+        return build_app(self._ctx)
 
     async def _start_engine(self) -> None:
         # LLMServer._start_engine also pushes a Ray usage-telemetry report, which creates a
         # detached actor process on the head node (~225 MB resident) that nobody asked for.
         await self.engine.start()
 
-    async def chat(self, request, raw_request_info=None):
-        return self._metered(request, await super().chat(request, raw_request_info))
-
-    async def completions(self, request, raw_request_info=None):
-        return self._metered(request, await super().completions(request, raw_request_info))
-
-    async def _metered(self, request, stream: AsyncGenerator) -> AsyncGenerator:
-        """Pass the response through; price, settle and enrich its usage on the way out."""
-        xargs = request.vllm_xargs or {}
-        key = str(xargs.get(XARG_REQUEST, request.request_id))
-        parts = _engine_requests(request)
-        tenant = str(xargs.get(XARG_TENANT, "anonymous"))
-        client_usage = bool(xargs.get(XARG_CLIENT_USAGE, 1))
-        started = datetime.now(UTC)
-        settled = failed = False
-        try:
-            async for item in stream:
-                if isinstance(item, list):  # a batch of SSE strings
-                    out = []
-                    for chunk in item:
-                        if isinstance(chunk, str) and chunk.startswith("data: {") and '"usage"' in chunk:
-                            payload = json.loads(chunk[6:])
-                            if payload.get("usage") and not payload.get("choices"):
-                                payload["usage"] = await self._settle(key, parts, tenant, payload["usage"], started)
-                                settled = True
-                                if not client_usage:
-                                    continue
-                                chunk = f"data: {json.dumps(payload)}\n\n"
-                        elif not isinstance(chunk, str):
-                            failed = True
-                        out.append(chunk)
-                    if out:
-                        yield out
-                elif getattr(item, "usage", None) is not None:  # a whole response
-                    usage = await self._settle(key, parts, tenant, item.usage.model_dump(), started)
-                    settled = True
-                    for name in ("energy_joules", "energy_source", "cost"):
-                        setattr(item.usage, name, usage[name])
-                    yield item
-                else:  # an ErrorResponse
-                    failed = True
-                    yield item
-        finally:
-            if not settled:
-                task = asyncio.get_running_loop().create_task(
-                    self._settle_unfinished(key, parts, tenant, started, failed)
-                )
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-
-    async def _settle(
-        self, key: str, parts: int, tenant: str, usage: dict[str, Any], started: datetime
-    ) -> dict[str, Any]:
-        rec = await self._final(key, parts)
-        source = rec["source"] if rec else ("missing" if self._meter else "off")
-        energy_j, busy_s = (rec["energy_j"], rec["busy_s"]) if rec else (0.0, 0.0)
-        tokens = (usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
-        cost = await self._charge(key, tenant, started, tokens, energy_j, busy_s, source, "completed")
-        return {
-            **usage,
-            "energy_joules": round(energy_j, 6),
-            "energy_source": source,
-            "cost": money_json(cost, self._cost.currency),
-        }
-
-    async def _settle_unfinished(self, key: str, parts: int, tenant: str, started: datetime, failed: bool) -> None:
-        """A request that ended without usage (client gone, timeout, error): charge what the
-        engine did for it up to the end, or release its reservation if the engine never ran it."""
-        try:
-            rec = await self._final(key, parts)
-            if rec is None:
-                await self._ledger.release.remote(key)
-                return
-            tokens = (rec["prompt_tokens"], rec["completion_tokens"])
-            status = "failed" if failed else "aborted"
-            await self._charge(key, tenant, started, tokens, rec["energy_j"], rec["busy_s"], rec["source"], status)
-        except Exception:
-            log.exception("settling unfinished request %s failed", key)
-
-    async def _charge(
-        self,
-        key: str,
-        tenant: str,
-        started: datetime,
-        tokens: tuple[int, int],
-        energy_j: float,
-        busy_s: float,
-        source: str,
-        status: str,
-    ) -> Decimal:
-        """Price a request and settle it in the ledger; returns once the row is committed."""
-        finished = datetime.now(UTC)
-        cost = self._cost.cost(energy_j=energy_j, busy_s=busy_s, at=finished)
-        await self._ledger.settle.remote(
-            {
-                "request_id": key,
-                "tenant": tenant,
-                "prompt_tokens": tokens[0],
-                "completion_tokens": tokens[1],
-                "energy_j": energy_j,
-                "energy_source": source,
-                "cost": cost,
-                "currency": self._cost.currency,
-                "model": self._model,
-                "replica": self._replica_id,
-                "status": status,
-                "started_at": started,
-                "finished_at": finished,
-            }
-        )
-        return cost
-
-    async def _final(self, key: str, parts: int) -> dict[str, Any] | None:
-        return await self._meter.final(key, FINAL_RECORD_TIMEOUT_S, parts) if self._meter else None
+    # -- loops off the request path ------------------------------------------------------------------
+    async def _poll_forever(self) -> None:
+        """Say how many requests are in flight (the drain waits on it); learn readiness and drain state."""
+        while True:
+            try:
+                metrics = factory_metrics()
+                self._ctx.readiness = await self._hub.replica_poll.remote(self._replica_id, metrics.in_flight_now)
+                metrics.observe_readiness(self._ctx.readiness)
+            except Exception as err:  # hub restarting: keep the last view
+                log.warning("readiness poll failed: %s", err)
+            await asyncio.sleep(POLL_S)
 
     async def _report_forever(self) -> None:
         while True:
             try:
-                # A dead engine stops reporting, so the hub ages this replica out of /ready.
-                await self.engine.check_health()
+                # A dead engine stops reporting, so the hub ages this replica out of /ready, and
+                # the replica answers 503 until Serve's health check replaces it.
+                try:
+                    await self.engine.check_health()
+                except Exception:
+                    self._ctx.engine_alive = False
+                    raise
                 families = [f for f in REGISTRY.collect() if f.name.startswith("vllm:")]
                 families += self._meter.families() if self._meter else []
+                families += factory_metrics().http_families()
                 await self._hub.report.remote(self._replica_id, self._model, families)
             except Exception as err:  # the hub may be restarting; liveness resumes next tick
                 log.warning("report to state hub failed: %s", err)
             await asyncio.sleep(REPORT_INTERVAL_S)
+
+    async def _follow_admission(self) -> None:
+        """The governor's admission rules (a long poll: a change arrives at once)."""
+        while True:
+            try:
+                self._ctx.admission = await self._governor.admission.remote(self._ctx.admission["version"])
+            except Exception as err:
+                log.warning("admission poll failed: %s", err)
+                await asyncio.sleep(POLL_S)
+
+    async def _watch_nodes(self) -> None:
+        while True:
+            try:
+                nodes = await asyncio.to_thread(ray.nodes)
+                self._ctx.node_ips = frozenset(n["NodeManagerAddress"] for n in nodes if n.get("Alive"))
+            except Exception as err:
+                log.warning("listing the cluster's nodes failed: %s", err)
+            await asyncio.sleep(NODES_REFRESH_S)
 
     async def _govern_forever(self) -> None:
         """Report power to the governor; pass every new control down to the engine's scheduler."""
@@ -217,12 +177,12 @@ class FactoryLLMServer(LLMServer):
                 if ctrl.get("version", 0) > self._control["version"]:
                     self._control = ctrl
                     await self._meter.send_control(
-                        {
-                            "version": ctrl["version"],
-                            "power_cap_w": ctrl["power_cap_w"],
-                            "sent_at": ctrl["sent_at"],
-                            "forwarded_at": time.time(),
-                        }
+                        Control(
+                            version=ctrl["version"],
+                            power_cap_w=ctrl["power_cap_w"],
+                            sent_at=ctrl["sent_at"],
+                            forwarded_at=time.time(),
+                        )
                     )
                 if report is None:  # the engine has not sampled yet
                     await asyncio.sleep(0.2)
@@ -230,39 +190,33 @@ class FactoryLLMServer(LLMServer):
                 log.warning("power governor unreachable: %s", err)
                 await asyncio.sleep(1.0)
 
+    # -- Ray Serve's hooks ---------------------------------------------------------------------------
     async def record_routing_stats(self) -> dict[str, Any]:
-        """Ray Serve's hook, polled every `request_routing_stats_period_s`: this replica's queue and
-        power state for EnergyAwareRouter (factory/routing/), beside Ray Serve LLM's own stats."""
+        """Polled every `request_routing_stats_period_s`: this replica's model, queue and power state
+        for EnergyAwareRouter (factory/routing/)."""
         running, waiting = queue_lengths(REGISTRY.restricted_registry(QUEUE_GAUGES).collect())
-        return {
-            **await super().record_routing_stats(),
-            **routing_stats(
-                running=running,
-                waiting=waiting,
-                max_num_seqs=self._llm_config.engine_kwargs["max_num_seqs"],
-                control=self._control_stats(),
-            ),
-        }
+        http = factory_metrics()
+        return routing_stats(
+            model=self._model,
+            received=http.posts_received,
+            in_flight=http.in_flight_now,
+            duration_s=http.post_duration_s,
+            running=running,
+            waiting=waiting,
+            max_num_seqs=self._llm_config.engine_kwargs["max_num_seqs"],
+            control=self._control_stats(),
+        )
 
     def _control_stats(self) -> dict[str, Any]:
         """This replica's throttle state, for the router."""
-        sched = ((self._meter.snapshot if self._meter else None) or {}).get("scheduler") or {}
+        snap = self._meter.snapshot if self._meter else None
+        sched = snap.scheduler if snap is not None else None
         return {
             "throttle_level": self._control["level"],
             "power_cap_w": self._control["power_cap_w"],
-            "batch_cap": sched.get("batch_cap"),
-            "efficient_batch": sched.get("efficient_batch"),
+            "batch_cap": sched.batch_cap if sched else None,
+            "efficient_batch": sched.efficient_batch if sched else None,
         }
-
-
-def _engine_requests(request: Any) -> int:
-    """How many engine requests vLLM makes of one API request: one per choice (`n`) and, for
-    completions, per prompt in a batch. Each reports its own energy under the same key."""
-    count = getattr(request, "n", None) or 1
-    prompt = getattr(request, "prompt", None)
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        count *= len(prompt)
-    return count
 
 
 class LocalModelCallback(CallbackBase):

@@ -76,7 +76,7 @@ class ReplicaControl:
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """Who the ingress admits. `slowed` classes get limited concurrency, `shed` ones a 503."""
+    """Who the replicas admit. `slowed` classes get limited concurrency, `shed` ones a 503."""
 
     level: int = 0
     slowed: tuple[str, ...] = ()

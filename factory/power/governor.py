@@ -3,7 +3,7 @@ per-GPU power budgets and turns the replicas' power reports into caps and admiss
 
     replica --exchange(report, version)--> governor --(new control, at once on a change)--> replica
         replica --ZeroMQ control socket--> its engine's scheduler (applied at the next step)
-    ingress --admission(version)--> governor: which priority classes are slowed or shed
+    replica --admission(version)--> governor: which priority classes are slowed or shed
 
 Both calls are long polls: the governor answers as soon as something changed for the caller, or
 after a short wait with nothing new, so a budget change reaches every engine in one hop without
@@ -59,7 +59,7 @@ class PowerGovernor:
         self._task = asyncio.get_running_loop().create_task(self._run())
         log.info("power governor: budgets %s", self._budgets.to_dict())
 
-    # -- replicas and ingresses ---------------------------------------------------------------------
+    # -- replicas ------------------------------------------------------------------------------------
     async def exchange(self, replica: str, node: str, report: dict[str, Any] | None, known: int) -> dict[str, Any]:
         """A replica's report in, its control out (when newer than `known`, or after a short wait)."""
         if report is not None:

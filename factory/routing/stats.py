@@ -32,10 +32,26 @@ def queue_lengths(families: Iterable[Metric]) -> tuple[int, int]:
     return int(counts[QUEUE_GAUGES[0]]), int(counts[QUEUE_GAUGES[1]])
 
 
-def routing_stats(*, running: int, waiting: int, max_num_seqs: int, control: Mapping[str, Any]) -> dict[str, Any]:
-    """What a replica tells the routers: its queue (vLLM's running and waiting requests), its
-    size, and what the power control set (throttle level, batch cap, efficient batch)."""
+def routing_stats(
+    *,
+    model: str,
+    running: int,
+    waiting: int,
+    max_num_seqs: int,
+    control: Mapping[str, Any],
+    received: int = 0,
+    in_flight: int = 0,
+    duration_s: float | None = None,
+) -> dict[str, Any]:
+    """What a replica tells the routers: the model it serves, its queue (vLLM's running and waiting
+    requests), the requests its HTTP server has received in all and has in flight now and how long
+    they typically take, its size, and what the power control set (throttle level, batch cap,
+    efficient batch). The duration is rounded, so the dict changes (and is rebroadcast) seldom."""
     return {
+        "model": model,
+        "received": int(received),
+        "in_flight": int(in_flight),
+        "duration_s": round(duration_s, 2) if duration_s is not None else None,
         "running": int(running),
         "waiting": int(waiting),
         "max_num_seqs": int(max_num_seqs),

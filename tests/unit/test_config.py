@@ -142,7 +142,7 @@ def test_serve_refuses_a_bad_config_before_starting_anything(tmp_path):
 
 def test_scheduler_and_power_defaults():
     cfg = FactoryConfig()
-    assert cfg.models[0].router == "energy"
+    assert (cfg.routing.policy, cfg.routing.body_limit_kib) == ("energy", 256)
     assert (cfg.scheduler.policy, cfg.scheduler.profile) == ("energy", "auto")
     assert (cfg.scheduler.slo.ttft_ms, cfg.scheduler.slo.tpot_ms) == (2000, 250)
     budget, governor, actuators = cfg.power.budget, cfg.power.governor, cfg.power.actuators
@@ -178,7 +178,9 @@ def test_power_budgets_are_read_in_any_unit_and_held_in_watts():
         ({"scheduler": {"policy": "fast"}}, "scheduler.policy", "'energy' or 'stock'"),
         ({"scheduler": {"profile": " "}}, "scheduler.profile", "a path, auto or null"),
         ({"scheduler": {"slo": {"tpot_ms": 0}}}, "scheduler.slo.tpot_ms", "greater than 0"),
-        ({"models": [{"router": "random"}]}, "models.0.router", "'energy' or 'power_of_two'"),
+        ({"routing": {"policy": "random"}}, "routing.policy", "'energy' or 'leastconn'"),
+        ({"routing": {"body_limit_kib": 1}}, "routing.body_limit_kib", "greater than or equal to 16"),
+        ({"models": [{"router": "energy"}]}, "models.0.router", "Extra inputs are not permitted"),
     ],
 )
 def test_bad_scheduler_or_power_field_is_named_with_reason(data, where, why):
@@ -187,6 +189,23 @@ def test_bad_scheduler_or_power_field_is_named_with_reason(data, where, why):
     text = str(exc.value)
     assert f"  {where}:" in text
     assert why in text
+
+
+def test_models_on_one_port_share_one_replica_shape():
+    two = [{"name": "a", "source": "/m/a"}, {"name": "b", "source": "/m/b"}]
+    assert [m.served_name for m in parse_config({"models": two}).models] == ["a", "b"]
+    with pytest.raises(ConfigError, match="b differs from a in tensor_parallel_size, replica_num_cpus"):
+        parse_config({"models": [two[0], {**two[1], "tensor_parallel_size": 2, "replica_num_cpus": 2}]})
+    with pytest.raises(ConfigError, match="leastconn cannot route by model"):
+        parse_config({"models": two, "routing": {"policy": "leastconn"}})
+    assert parse_config({"routing": {"policy": "leastconn"}}).routing.policy == "leastconn"
+
+
+def test_units_are_converted_once_in_the_config():
+    cfg = parse_config({"scheduler": {"slo": {"ttft_ms": 1500, "tpot_ms": 40}}, "telemetry": {"sample_interval_ms": 50}})
+    assert (cfg.scheduler.slo.ttft_s, cfg.scheduler.slo.tpot_s) == (1.5, 0.04)
+    assert cfg.telemetry.sample_interval_s == 0.05
+    assert cfg.power.governor.interval_s == 0.5
 
 
 def test_energy_scheduler_needs_telemetry():
@@ -208,3 +227,15 @@ def test_profile_path_resolves_auto_null_and_paths(tmp_path, monkeypatch):
     assert relative.profile_path(gpu=False) == tmp_path / "mine" / "card.json"
     absolute = parse_config({"scheduler": {"profile": "/opt/p.json"}}).scheduler
     assert absolute.profile_path(gpu=True) == Path("/opt/p.json")
+
+
+@pytest.mark.parametrize("path", sorted(DEFAULT_CONFIG_PATH.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.models
+
+
+def test_the_gpu_config_takes_the_same_data_path():
+    cfg = load_config(DEFAULT_CONFIG_PATH.parent / "gpu-8b.yaml")
+    assert cfg.routing.policy == "energy" and cfg.routing.body_limit_kib > 0
+    assert all(m.device in ("cuda", "auto") for m in cfg.models)

@@ -1,0 +1,105 @@
+"""Settlement of one API request in the replica that served it: its energy from the engine
+meter's final record, its price, its ledger row (committed before the client sees its usage).
+
+A request that ends normally is settled with vLLM's own token counts. One that ends otherwise
+(client gone, timeout, engine error) is charged what the engine meter recorded it used up to the
+end, or has its reservation released when the engine never ran it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from factory.api.admission import Ticket
+from factory.engine.replica_meter import ReplicaMeter
+from factory.engine.wire import Final
+from factory.metering.cost import CostModel, money_json
+
+log = logging.getLogger("factory.engine")
+
+FINAL_RECORD_TIMEOUT_S = 5.0
+
+
+class Billing:
+    def __init__(self, meter: ReplicaMeter | None, cost: CostModel, ledger: DeploymentHandle, model: str, replica: str):
+        self._meter = meter
+        self._cost = cost
+        self._ledger = ledger
+        self._model = model
+        self._replica = replica
+        self._background: set[asyncio.Task] = set()
+
+    async def completed(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """Settle a request that ended normally; returns the usage fields the factory adds. A client
+        that leaves meanwhile does not stop the settlement (it is shielded from cancellation)."""
+        ticket.settled = True
+        return await asyncio.shield(self._completed(ticket, prompt_tokens, completion_tokens))
+
+    async def _completed(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        rec = await self._final(ticket)
+        source = rec.source if rec else ("missing" if self._meter else "off")
+        energy_j, busy_s = (rec.energy_j, rec.busy_s) if rec else (0.0, 0.0)
+        cost = await self._charge(ticket, (prompt_tokens, completion_tokens), energy_j, busy_s, source, "completed")
+        return {
+            "energy_joules": round(energy_j, 6),
+            "energy_source": source,
+            "cost": money_json(cost, self._cost.currency),
+        }
+
+    def unfinished(self, ticket: Ticket) -> None:
+        """Settle, in the background, a request that ended without its usage being sent."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        task = asyncio.get_running_loop().create_task(self._unfinished(ticket))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _unfinished(self, ticket: Ticket) -> None:
+        try:
+            rec = await self._final(ticket) if ticket.calls else None
+            if rec is None:
+                if ticket.reserved:
+                    await self._ledger.release.remote(ticket.key)
+                return
+            status = "failed" if ticket.engine_failed and rec.status != "aborted" else "aborted"
+            tokens = (rec.prompt_tokens, rec.completion_tokens)
+            await self._charge(ticket, tokens, rec.energy_j, rec.busy_s, rec.source, status)
+        except Exception:
+            log.exception("settling unfinished request %s failed", ticket.key)
+
+    async def _charge(
+        self, ticket: Ticket, tokens: tuple[int, int], energy_j: float, busy_s: float, source: str, status: str
+    ) -> Decimal:
+        """Price a request and settle it in the ledger; returns once the row is committed."""
+        finished = datetime.now(UTC)
+        cost = self._cost.cost(energy_j=energy_j, busy_s=busy_s, at=finished)
+        await self._ledger.settle.remote(
+            {
+                "request_id": ticket.key,
+                "tenant": ticket.tenant,
+                "prompt_tokens": tokens[0],
+                "completion_tokens": tokens[1],
+                "energy_j": energy_j,
+                "energy_source": source,
+                "cost": cost,
+                "currency": self._cost.currency,
+                "model": self._model,
+                "replica": self._replica,
+                "status": status,
+                "started_at": ticket.started,
+                "finished_at": finished,
+            }
+        )
+        return cost
+
+    async def _final(self, ticket: Ticket) -> Final | None:
+        if self._meter is None:
+            return None
+        return await self._meter.final(ticket.key, FINAL_RECORD_TIMEOUT_S, ticket.parts)
