@@ -11,7 +11,7 @@ import pytest
 
 from factory.metering.ledger import Ledger
 from factory.models import build_tiny_model
-from tests.support import FactoryProcess, free_port, write_config
+from tests.support import FactoryProcess, free_port, serving, write_config
 
 TINY_MODEL = "tiny"
 TINY_CONTEXT = 512
@@ -60,15 +60,10 @@ def tiny_factory(tiny_model_dir, tmp_path_factory, keys):
         # Levels fall after 1 s clear of their threshold (5 s by default), so power tests end quickly.
         power={"governor": {"hold_s": 1.0}},
     )
-    factory = FactoryProcess(config, work / "serve.log", port)
-    try:
-        factory.wait_ready(probe_chat_model=TINY_MODEL, probe_headers=bearer(keys.tenant))
+    with serving(
+        FactoryProcess(config, work / "serve.log", port), probe_chat_model=TINY_MODEL, probe_headers=bearer(keys.tenant)
+    ) as factory:
         yield factory
-    finally:
-        try:
-            factory.stop()
-        finally:
-            factory.kill_everything()
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,20 @@ def write_config(path: Path, *, port: int, models: list[dict], **extra) -> Path:
     return path
 
 
+@contextmanager
+def serving(factory: "FactoryProcess", **ready) -> Iterator["FactoryProcess"]:
+    """`factory` once it is ready (FactoryProcess.wait_ready's keywords); stopped with SIGTERM on
+    the way out, and whatever it left behind killed."""
+    try:
+        factory.wait_ready(**ready)
+        yield factory
+    finally:
+        try:
+            factory.stop()
+        finally:
+            factory.kill_everything()
+
+
 class FactoryProcess:
     """A `factory serve CONFIG` subprocess with its log in a file."""
 

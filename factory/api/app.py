@@ -130,12 +130,9 @@ class ReplicaContext:
     # -- the operator's routes ------------------------------------------------------------------------
     async def caller(self, request: Request) -> dict[str, Any] | None:
         """Who is calling (from the ledger), None when auth is disabled; 401 on a bad key."""
-        self.check_client(request)
-        if not self.auth_required:
-            return None
-        token = bearer_token(request)
+        token = self.caller_token(request)
         if token is None:
-            raise missing_key()
+            return None
         who = await self.ledger.authenticate.remote(token)
         if who is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import FactoryProcess, free_port, write_config
+from tests.support import FactoryProcess, free_port, serving, write_config
 
 pytestmark = pytest.mark.stack
 
@@ -41,15 +41,8 @@ def two_models(tiny_model_dir, tmp_path_factory):
         ledger={"path": str(work / "ledger.db")},
         server={"port": port, "drain_timeout_s": 30, "request_timeout_s": REQUEST_TIMEOUT_S},
     )
-    factory = FactoryProcess(config, work / "serve.log", port)
-    try:
-        factory.wait_ready()
+    with serving(FactoryProcess(config, work / "serve.log", port)) as factory:
         yield factory
-    finally:
-        try:
-            factory.stop()
-        finally:
-            factory.kill_everything()
 
 
 def _client(factory: FactoryProcess) -> OpenAI:
