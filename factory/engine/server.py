@@ -19,6 +19,7 @@ nothing here runs per token.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -107,6 +108,11 @@ class FactoryLLMServer(LLMServer):
             self._tasks.append(loop.create_task(self._govern_forever()))
         if self._ctx.local_only:
             self._tasks.append(loop.create_task(self._watch_nodes()))
+        # What exists now (vLLM, torch, the app) lives as long as the replica: frozen out of the
+        # collector's sight (as vLLM does in its EngineCore), a full collection scans only what
+        # requests made since, instead of stalling every stream for up to seconds.
+        gc.collect()
+        gc.freeze()
         log.info("replica %s of %s serving", self._replica_id, self._model)
 
     async def __serve_build_asgi_app__(self):
@@ -229,3 +235,4 @@ class LocalModelCallback(CallbackBase):
 
     async def on_before_node_init(self) -> None:
         self.ctx.run_init_node = False
+
