@@ -13,6 +13,14 @@ Timing rules this module keeps (each avoids a known trap):
 
 A request that fails (non-2xx, connection error, timeout, an error inside the stream, a stream
 with no content or one that ends before `[DONE]`) is a FAILURE dict; send() never raises for it.
+
+Connections are pooled (HTTP/1.1 keep-alive), but a server may close one after any response
+(with or without `Connection: close`, or when it has been idle too long), and the client may
+learn so only when it sends the next request on it. A request that went out on a pooled
+connection and failed with the connection closed or reset before any response byte arrived is
+sent once more on a fresh connection (t_send restarts; the record says `reconnected`): the
+server never saw it, or saw it on a connection it had chosen to drop. A failure on a fresh
+connection, or once the response began, is the server's.
 """
 
 from __future__ import annotations
@@ -26,6 +34,18 @@ import aiohttp
 from factory.bench.datasets import BenchRequest
 
 _ERROR_BODY_CHARS = 500
+
+
+async def _on_reuse(_session, ctx, _params) -> None:
+    if isinstance(ctx.trace_request_ctx, dict):
+        ctx.trace_request_ctx["pooled"] = True
+
+
+# Give the session this trace config: it tells send() whether a request went out on a pooled connection.
+POOL_TRACE = aiohttp.TraceConfig()
+POOL_TRACE.on_connection_reuseconn.append(_on_reuse)
+# Closed or reset by the peer: what a pooled connection the server had dropped raises.
+_STALE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 def request_body(model: str, req: BenchRequest, extra_body: dict | None = None) -> bytes:
@@ -70,31 +90,26 @@ async def send(
     api_key: str | None,
     t0: float,
     extra_body: dict | None = None,
+    fresh: aiohttp.ClientSession | None = None,
 ) -> tuple[dict | None, dict | None]:
-    """(RECORD, None) for a completed request, (None, FAILURE) otherwise. Times relative to t0."""
+    """(RECORD, None) for a completed request, (None, FAILURE) otherwise. Times relative to t0.
+    `fresh`: a session that never reuses a connection (TCPConnector(force_close=True)), for the
+    one retry of a request whose pooled connection had been closed; default `session`."""
     data = request_body(model, req, extra_body)
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     endpoint = url.rstrip("/") + "/v1/chat/completions"
-    status: int | None = None
-    arrivals: list[float] = []
-    pieces: list[str] = []  # the answer's text, kept only for retokenising when usage is missing
-    usage: dict | None = None
-    t_send = time.perf_counter()
-    try:
-        async with session.post(endpoint, data=data, headers=headers) as resp:
-            status = resp.status
-            if status // 100 != 2:
-                text = await resp.text(errors="replace")
-                return None, _failure(req, t_send - t0, f"HTTP {status}: {error_message(text)}", status)
-            usage, done = await _read_stream(resp, arrivals, pieces)
-    except _StreamFailed as err:
-        return None, _failure(req, t_send - t0, str(err), status)
-    except (asyncio.TimeoutError, TimeoutError):
-        return None, _failure(req, t_send - t0, f"timeout after {time.perf_counter() - t_send:.1f} s", status)
-    except (aiohttp.ClientError, OSError, ValueError) as err:
-        return None, _failure(req, t_send - t0, f"{type(err).__name__}: {err}", status)
+    for attempt in range(2):
+        outcome = await _attempt(session if attempt == 0 else (fresh or session), endpoint, data, headers, req, t0)
+        if not (isinstance(outcome, _Stale) and attempt == 0):
+            break
+    if isinstance(outcome, _Stale):
+        return None, outcome.failure
+    if isinstance(outcome, dict):
+        return None, outcome
+    status, t_send, arrivals, pieces, usage, done = outcome
+    reconnected = attempt == 1
     if not arrivals:
         return None, _failure(req, t_send - t0, "stream ended without any content", status)
     if not done:
@@ -109,9 +124,44 @@ async def send(
         "n_out_source": "usage" if has_usage else "chunks",
         "n_out_expected": req.max_tokens,
     }
+    if reconnected:
+        record["reconnected"] = True
     if not has_usage:
         record["text"] = "".join(pieces)  # the runner retokenises it (then drops it) when it has a tokenizer
     return record, None
+
+
+class _Stale:
+    """A request that failed on a pooled connection before any response byte: worth one retry."""
+
+    def __init__(self, failure: dict):
+        self.failure = failure
+
+
+async def _attempt(session, endpoint: str, data: bytes, headers: dict, req: BenchRequest, t0: float):
+    """One try: (status, t_send, arrivals, pieces, usage, saw [DONE]), a FAILURE dict, or _Stale."""
+    conn: dict = {}
+    status: int | None = None
+    arrivals: list[float] = []
+    pieces: list[str] = []  # the answer's text, kept only for retokenising when usage is missing
+    t_send = time.perf_counter()
+    try:
+        async with session.post(endpoint, data=data, headers=headers, trace_request_ctx=conn) as resp:
+            status = resp.status
+            if status // 100 != 2:
+                text = await resp.text(errors="replace")
+                return _failure(req, t_send - t0, f"HTTP {status}: {error_message(text)}", status)
+            usage, done = await _read_stream(resp, arrivals, pieces)
+    except _StreamFailed as err:
+        return _failure(req, t_send - t0, str(err), status)
+    except (asyncio.TimeoutError, TimeoutError):
+        return _failure(req, t_send - t0, f"timeout after {time.perf_counter() - t_send:.1f} s", status)
+    except (aiohttp.ClientError, OSError, ValueError) as err:
+        failure = _failure(req, t_send - t0, f"{type(err).__name__}: {err}", status)
+        if status is None and conn.get("pooled") and isinstance(err, _STALE):
+            return _Stale(failure)
+        return failure
+    return status, t_send, arrivals, pieces, usage, done
 
 
 async def _read_stream(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import numpy as np
 
-from factory.bench.client import send
+from factory.bench.client import POOL_TRACE, send
 from factory.bench.datasets import BenchRequest
 
 MODES = ("concurrency", "rate", "trace")
@@ -124,7 +124,15 @@ async def run_level(
     limit = max(max_connections, int(load.value)) if load.mode == "concurrency" else max_connections
     connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=None)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+    async with (
+        aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False, trace_configs=[POOL_TRACE]
+        ) as session,
+        # Retries of requests whose pooled connection the server had closed (factory/bench/client.py).
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, ttl_dns_cache=None), timeout=timeout, auto_decompress=False
+        ) as fresh,
+    ):
         t0, t0_unix = time.perf_counter(), time.time()
         run = LevelRun(load, t0, t0_unix)
         stop_at = math.inf if duration_s is None else t0 + duration_s
@@ -133,7 +141,9 @@ async def run_level(
             run.sent += 1
             if on_send is not None:
                 on_send()
-            record, failure = await send(session, url, model, req, api_key=api_key, t0=t0, extra_body=extra_body)
+            record, failure = await send(
+                session, url, model, req, api_key=api_key, t0=t0, extra_body=extra_body, fresh=fresh
+            )
             if record is not None:
                 run.records.append(record)
             else:
