@@ -39,6 +39,9 @@ def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:
     return model.device == "cuda" or (model.device == "auto" and gpu_available)
 
 
+HEALTH_CHECK_PERIOD_S = 2
+
+
 def request_router_config(models: list[str]) -> dict:
     """The engine deployment's request router, which FactoryRouter runs for HAProxy.
 
@@ -175,6 +178,9 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         "num_replicas": sum(m.replicas for m in cfg.models),
         # Access lines cost the engine's process CPU per request; HAProxy's own log has them.
         "logging_config": {"enable_access_log": False},
+        # A dead engine fails its replica's health check at once (LLMServer.check_health asks the
+        # engine); Serve replaces a replica after 3 failed checks: 6 s at this period, not 30 s.
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
     }
     if cfg.routing.policy == "energy":
         options["request_router_config"] = request_router_config([m.served_name for m in cfg.models])

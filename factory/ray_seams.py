@@ -34,6 +34,10 @@ PINNED_RAY = "2.60.0"
 # The Lua action's path and the field it reads the pick from (ingress_request_router.lua.tmpl).
 ROUTE_PATH = "/internal/route"
 ROUTE_REPLICA_FIELD = "replica_id"
+# A pick HAProxy cannot map to a server ("unknown_replica_id"): its template then sends the
+# request to Serve's fallback proxy, which holds it until a replica is up, as at cold start.
+# Any other router failure is HAProxy's own plain-text 503, without Retry-After.
+NO_REPLICA = "none"
 # HAProxy sets this header when a body was cut at its buffer size before being forwarded.
 BODY_TRUNCATED_HEADER = "x-body-truncated"
 # Ray Serve answers HAProxy's health checks here on every direct-ingress replica.

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from factory.api.admin import bearer_token, missing_key
 from factory.api.admission import Refused, Ticket
-from factory.api.errors import APIError, install_handlers, not_ready
+from factory.api.errors import APIError, engine_unavailable, install_handlers, not_ready
 from factory.api.metrics import RequestMetricsMiddleware, factory_metrics
 from factory.engine.billing import Billing
 from factory.engine.vllm_seams import ServingObjects
@@ -93,8 +93,14 @@ class ReplicaContext:
             # The router sends a request only to a replica of its model; this one was picked while
             # the model had no replica serving yet.
             raise not_ready(RETRY_AFTER_S, f"no replica of model '{model}' is serving yet")
-        if not self.engine_alive:
-            raise not_ready(RETRY_AFTER_S, f"this replica's engine for '{self.model}' is down and being replaced")
+        if self.engine_down():
+            raise engine_unavailable(self.model)
+
+    def engine_down(self) -> bool:
+        """The engine died (seen by its own client at once, or by the last health report)."""
+        if self.engine_alive and self.serving is not None and self.serving.engine_dead():
+            self.engine_alive = False
+        return not self.engine_alive
 
     # -- admission ------------------------------------------------------------------------------------
     async def admit(self, ticket: Ticket) -> None:

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from factory.api.admission import CURRENT_TICKET, Refused, Ticket
-from factory.api.errors import APIError, upstream_error
+from factory.api.errors import APIError, engine_unavailable, upstream_error
 from factory.engine.vllm_seams import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -81,6 +81,8 @@ async def _serve(raw: Request, body: Any, *, chat: bool) -> Response:
     headers = {REQUEST_ID_HEADER: ticket.key}
     if isinstance(result, ErrorResponse):
         ctx.billing.unfinished(ticket)
+        if result.error.code >= 500 and ctx.engine_down():
+            raise engine_unavailable(ctx.model)
         raise upstream_error(result.error.code, result.error.message, result.error.type)
     if not isinstance(result, AsyncGenerator):  # a whole response: the engine is done
         extras = await ctx.billing.completed(ticket, result.usage.prompt_tokens, result.usage.completion_tokens or 0)

@@ -18,6 +18,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPExc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from vllm.exceptions import VLLMClientError, VLLMNotFoundError
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 log = logging.getLogger("factory.api")
 
@@ -86,6 +87,22 @@ def not_ready(retry_after_s: int, why: str) -> APIError:
     )
 
 
+# Seconds a client is told to wait while a dead engine is replaced.
+ENGINE_RETRY_AFTER_S = 10
+
+
+def engine_unavailable(model: str | None = None) -> APIError:
+    """The engine serving the request died (crash, OOM kill): 503 + Retry-After, never a 500;
+    the replica is being replaced and a live one (or the replacement) will take the retry."""
+    what = f"The engine serving '{model}'" if model else "The engine"
+    return APIError(
+        503,
+        f"{what} stopped and is being restarted. Retry shortly.",
+        code="engine_unavailable",
+        headers={"Retry-After": str(ENGINE_RETRY_AFTER_S)},
+    )
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """First validation problem as (message, param), in words a client can act on."""
     errors = exc.errors()
@@ -139,6 +156,13 @@ def install_handlers(app: FastAPI) -> None:
     async def _engine(_: Request, exc: OpenAIHTTPException) -> JSONResponse:
         err = upstream_error(exc.status_code, exc.message, exc.type)
         return error_response(err.status, err.message, param=err.param, code=err.code)
+
+    @app.exception_handler(EngineDeadError)
+    @app.exception_handler(EngineGenerateError)
+    async def _engine_gone(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("engine failure answered 503: %s", exc)
+        err = engine_unavailable()
+        return error_response(err.status, err.message, code=err.code, headers=err.headers)
 
     @app.exception_handler(VLLMClientError)
     async def _vllm_client(_: Request, exc: VLLMClientError) -> JSONResponse:

@@ -9,7 +9,8 @@ ray==2.60.0, in one place; tests/unit/test_vllm_seams.py fails when an upgrade m
   point, factory/api/admission.py);
 - `raw_request.state.request_metadata`: where the serving classes leave the response id and, once
   a stream's last output is handled, `final_usage_info`, vLLM's own token counts;
-- `extract_prompt_len`: vLLM's count of an engine input's prompt tokens.
+- `extract_prompt_len`: vLLM's count of an engine input's prompt tokens;
+- `AsyncLLM.errored`: true once its EngineCore (or a Worker) died.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class ServingObjects:
 
     def prompt_len(self, prompt: Any) -> int:
         return extract_prompt_len(self.engine_client.model_config, prompt)
+
+    def engine_dead(self) -> bool:
+        """Whether the engine's EngineCore (or one of its Workers) has died."""
+        return bool(getattr(self.engine_client, "errored", False))
 
     def install_engine_client(self, client: Any) -> None:
         """Make both serving objects send their engine requests through `client`."""

@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse
 
-from factory.ray_seams import BODY_TRUNCATED_HEADER, ROUTE_PATH, ROUTE_REPLICA_FIELD, init_handle, pick_replica
+from factory.ray_seams import BODY_TRUNCATED_HEADER, NO_REPLICA, ROUTE_PATH, ROUTE_REPLICA_FIELD, init_handle, pick_replica
 
 log = logging.getLogger("factory.routing")
 
@@ -70,7 +70,7 @@ class FactoryRouter:
         args: tuple[Any, ...] = (fields,) if fields is not None else ()
         try:
             replica_id = await asyncio.wait_for(pick_replica(self._engines, *args), PICK_TIMEOUT_S)
-        except Exception as err:  # no replica at all: HAProxy answers 503 for a non-200 here
-            log.warning("no engine replica to route to: %s", err)
-            return JSONResponse({"error": "no engine replica available"}, status_code=503)
+        except Exception as err:  # no replica at all (a dead one being replaced, scale from zero)
+            log.warning("no engine replica to route to (%s): the fallback proxy holds the request", err)
+            replica_id = NO_REPLICA
         return JSONResponse({ROUTE_REPLICA_FIELD: replica_id})

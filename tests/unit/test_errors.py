@@ -29,3 +29,30 @@ def test_engine_server_errors_hide_internals():
 
 def test_nonsense_status_becomes_500():
     assert upstream_error(200, "odd").status == 500
+
+
+def test_a_dead_engine_is_a_503_with_retry_after_never_a_500():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    from factory.api.errors import install_handlers
+
+    app = FastAPI()
+    install_handlers(app)
+
+    @app.get("/dead")
+    async def dead():
+        raise EngineDeadError()
+
+    @app.get("/failed")
+    async def failed():
+        raise EngineGenerateError()
+
+    client = TestClient(app)
+    for path in ("/dead", "/failed"):
+        r = client.get(path)
+        assert r.status_code == 503
+        assert int(r.headers["Retry-After"]) > 0
+        err = r.json()["error"]
+        assert err["code"] == "engine_unavailable" and err["type"] and err["message"]

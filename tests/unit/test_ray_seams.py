@@ -67,6 +67,16 @@ def test_the_lua_action_speaks_the_contract_the_factory_router_answers():
     assert ray_seams.BODY_TRUNCATED_HEADER.lower() in lua.lower()
 
 
+def test_a_pick_haproxy_cannot_map_goes_to_the_fallback_proxy():
+    from ray.serve._private import haproxy_templates
+
+    lua = (SERVE_PRIVATE / "ingress_request_router.lua.tmpl").read_text()
+    assert '"unknown_replica_id"' in lua
+    template = inspect.getsource(haproxy_templates)
+    assert 'use-server {{ backend.fallback_server.name }} if { var(txn.ingress_request_router_failed) -m str "unknown_replica_id" }' in template
+    assert ray_seams.NO_REPLICA.startswith(ray_seams.REPLICA_SERVER_PREFIX) is False
+
+
 def test_an_ingress_may_build_its_asgi_app_late():
     assert "__serve_build_asgi_app__" in inspect.getsource(ray.serve.api)
 

@@ -59,3 +59,15 @@ def test_a_usage_chunk_is_vllms_own_chunk_with_the_factorys_fields():
         vllm_seams.usage_chunk(chat=False, response_id="cmpl-1", created=7, model="m", usage=usage)[6:]
     )
     assert text["object"] == "text_completion" and text["id"] == "cmpl-1"
+
+
+def test_asyncllm_still_says_when_its_engine_died():
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    assert isinstance(inspect.getattr_static(AsyncLLM, "errored"), property)
+
+    class Client:
+        errored = True
+
+    assert vllm_seams.ServingObjects(None, None, Client()).engine_dead()
+    assert not vllm_seams.ServingObjects(None, None, object()).engine_dead()
