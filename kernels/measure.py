@@ -221,12 +221,17 @@ def measure_point(
         scale = stack_scale(_layer_fraction(model, phase, x, kv), model.shape.layer_scale)
 
     windows: list[Window] = []
-    retries = repeats  # a window shorter than min_window_s (step time underestimated) is redone, longer
+    # A window shorter than min_window_s (the step time was overestimated, e.g. the warm-up steps
+    # met a busy machine) is redone with more steps, never kept: each retry scales the steps by the
+    # shortfall, so few are needed; a machine that still cannot fill one is an error.
+    retries = 10 * repeats
     with PowerSampler(meter.power_w) if meter else contextlib.nullcontext() as sampler:
         while len(windows) < repeats:
             x = make_input(model, phase, kv)  # fresh random inputs for every window
             w = _window(model, phase, x, kv, steps, meter, sampler, cpu_modeled_w)
-            if w.seconds < min_window_s and retries > 0:
+            if w.seconds < min_window_s:
+                if retries == 0:
+                    raise RuntimeError(f"{phase} windows stay shorter than {min_window_s} s: the step time keeps changing")
                 retries -= 1
                 steps = math.ceil(steps * 1.1 * min_window_s / max(w.seconds, 1e-9))
                 continue
