@@ -73,7 +73,8 @@ class RayConfig(_Strict):
         ge=1,
         description=(
             "Logical CPUs a local Ray advertises. More than the cores on purpose: Ray schedules by "
-            "logical CPUs, and on a 2-core machine the hub, ledger, governor and router would otherwise never be placed beside the engine."
+            "logical CPUs, and on a 2-core machine the hub, ledger, governor and router would otherwise "
+            "never be placed beside the engine."
         ),
     )
     dashboard: bool = Field(False, description="Start Ray's own dashboard (costs memory and a process).")

@@ -231,7 +231,9 @@ def measure_point(
             w = _window(model, phase, x, kv, steps, meter, sampler, cpu_modeled_w)
             if w.seconds < min_window_s:
                 if retries == 0:
-                    raise RuntimeError(f"{phase} windows stay shorter than {min_window_s} s: the step time keeps changing")
+                    raise RuntimeError(
+                        f"{phase} windows stay shorter than {min_window_s} s: the step time keeps changing"
+                    )
                 retries -= 1
                 steps = math.ceil(steps * 1.1 * min_window_s / max(w.seconds, 1e-9))
                 continue

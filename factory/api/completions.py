@@ -56,7 +56,9 @@ async def _serve(raw: Request, body: Any, *, chat: bool) -> Response:
     ctx = raw.app.state.factory
     if getattr(body, "use_beam_search", False):
         # Beam search asks the engine for a new request at every step: not metered, not offered.
-        raise APIError(400, "'use_beam_search' is not supported.", param="use_beam_search", code="unsupported_parameter")
+        raise APIError(
+            400, "'use_beam_search' is not supported.", param="use_beam_search", code="unsupported_parameter"
+        )
     ctx.require_model(body.model)
     ticket = Ticket(
         token=ctx.caller_token(raw),

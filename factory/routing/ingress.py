@@ -25,7 +25,14 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse
 
-from factory.ray_seams import BODY_TRUNCATED_HEADER, NO_REPLICA, ROUTE_PATH, ROUTE_REPLICA_FIELD, init_handle, pick_replica
+from factory.ray_seams import (
+    BODY_TRUNCATED_HEADER,
+    NO_REPLICA,
+    ROUTE_PATH,
+    ROUTE_REPLICA_FIELD,
+    init_handle,
+    pick_replica,
+)
 
 log = logging.getLogger("factory.routing")
 

@@ -70,7 +70,8 @@ class EnergyAwareRouter(RequestRouter):
         body = self._body(pending_request)
         mine = serving(candidate_replicas, getattr(body, "model", None), self._models)
         if pending_request is not None:
-            mine = self._or_any_after_a_wait(mine, candidate_replicas, pending_request.metadata.internal_request_id, now_s)
+            request = pending_request.metadata.internal_request_id
+            mine = self._or_any_after_a_wait(mine, candidate_replicas, request, now_s)
         by_id = {r.replica_id.unique_id: r for r in mine}
         views = [
             replica_view(rid, r.routing_stats, self._ongoing(rid, r.routing_stats, now_s)) for rid, r in by_id.items()
