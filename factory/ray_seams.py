@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import urllib.request
 from typing import Any
 
@@ -40,8 +39,6 @@ ROUTE_REPLICA_FIELD = "replica_id"
 NO_REPLICA = "none"
 # HAProxy sets this header when a body was cut at its buffer size before being forwarded.
 BODY_TRUNCATED_HEADER = "x-body-truncated"
-# Ray Serve answers HAProxy's health checks here on every direct-ingress replica.
-HEALTHZ_PATH = "/-/healthz"
 # HAProxy's stats page (haproxy.py HAProxyConfig.stats_uri) and a replica's server name on it.
 STATS_CSV_PATH = "/stats;csv"
 REPLICA_SERVER_PREFIX = "SERVE_REPLICA_"
@@ -117,11 +114,6 @@ def haproxy_replicas(stats_port: int, app: str, deployment: str, timeout_s: floa
         if name.startswith(prefix) and (status.startswith("UP") or status == "no check"):
             up.add(name[len(prefix) :])
     return up
-
-
-def haproxy_mode() -> bool:
-    """Whether this process runs under the factory's data-path environment."""
-    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
 
 
 def with_ingress_request_router(ingress: Application, router: Application) -> Application:

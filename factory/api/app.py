@@ -56,7 +56,6 @@ class ReplicaContext:
     )
     node_ips: frozenset[str] = frozenset()  # the Ray cluster's nodes (HAProxy may run on any of them)
     serving: ServingObjects | None = None  # vLLM's serving objects (set once the engine is up, before any request)
-    engine_alive: bool = True
     _slow_next_s: float = 0.0
 
     # -- who may call, and whether we serve ----------------------------------------------------------
@@ -97,10 +96,8 @@ class ReplicaContext:
             raise engine_unavailable(self.model)
 
     def engine_down(self) -> bool:
-        """The engine died (seen by its own client at once, or by the last health report)."""
-        if self.engine_alive and self.serving is not None and self.serving.engine_dead():
-            self.engine_alive = False
-        return not self.engine_alive
+        """The engine died: its own client knows at once (no flag of ours to keep in step)."""
+        return self.serving is not None and self.serving.engine_dead()
 
     # -- admission ------------------------------------------------------------------------------------
     async def admit(self, ticket: Ticket) -> None:

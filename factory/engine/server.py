@@ -141,11 +141,7 @@ class FactoryLLMServer(LLMServer):
             try:
                 # A dead engine stops reporting, so the hub ages this replica out of /ready, and
                 # the replica answers 503 until Serve's health check replaces it.
-                try:
-                    await self.engine.check_health()
-                except Exception:
-                    self._ctx.engine_alive = False
-                    raise
+                await self.engine.check_health()
                 families = [f for f in REGISTRY.collect() if f.name.startswith("vllm:")]
                 families += self._meter.families() if self._meter else []
                 families += factory_metrics().http_families()
