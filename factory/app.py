@@ -33,7 +33,6 @@ from factory.routing.ingress import FactoryRouter
 from factory.routing.stats import ROUTING_STATS_PERIOD_S
 
 
-
 def on_gpu(model: ModelConfig, gpu_available: bool) -> bool:
     """Whether this model's replicas run on GPUs: its `device`, with auto = what the node has."""
     return model.device == "cuda" or (model.device == "auto" and gpu_available)
@@ -171,6 +170,7 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         "auth_required": cfg.auth == "required",
         "local_only": cfg.auth == "disabled" and not cfg.server.allow_unauthenticated,
         "max_model_len": {m.served_name: m.max_model_len for m in cfg.models},
+        "precision_reference": {m.served_name: m.precision_reference for m in cfg.models},
     }
     shape = next(iter(configs.values()))
     options: dict = {

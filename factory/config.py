@@ -91,7 +91,19 @@ class ModelConfig(_Strict):
         "auto", description="Where replicas run; auto = cuda when the Ray cluster has GPUs, else cpu."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Weight and KV-cache dtype; auto = the checkpoint's (bf16 for the embedded model)."
+        "auto",
+        description=(
+            "Weight and KV-cache dtype. auto = the checkpoint's (bf16 for the embedded model); on a CPU, the "
+            "checkpoint's 16-bit dtype only where its greedy answers match float32's on reference questions, "
+            "else float32 (factory/precision.py; decided once per machine)."
+        ),
+    )
+    precision_reference: str | None = Field(
+        None,
+        description=(
+            "Checkpoint that float32 scores the CPU precision check against; null = the served one, upcast. "
+            "Point it at float32 master weights when the served checkpoint is a 16-bit conversion."
+        ),
     )
     enforce_eager: bool | None = Field(
         None,
@@ -412,6 +424,7 @@ class GovernorConfig(_Strict):
     @property
     def interval_s(self) -> float:
         return self.interval_ms / 1000.0
+
     slow_below: float = Field(
         0.75,
         gt=0,

@@ -310,8 +310,9 @@ _TINY_TEMPLATE = (
 )
 
 
-def build_tiny_model(dest: Path) -> Path:
-    """Write a random-weight 2-layer Llama (~1.4 M params, bf16, 512-token BPE) to `dest`.
+def build_tiny_model(dest: Path, seed: int = 0) -> Path:
+    """Write a random-weight 2-layer Llama (~1.4 M params, bf16, 512-token BPE) to `dest`; another
+    `seed` gives other weights with the same tokenizer.
 
     For tests that need a real vLLM engine but not sensible text. head_dim is 64 because
     vLLM's CPU attention needs head_dim >= 32. Idempotent: skipped if `dest` has a marker.
@@ -361,7 +362,7 @@ def build_tiny_model(dest: Path) -> Path:
         dtype="bfloat16",
     )
     with torch.random.fork_rng(devices=[]):  # fixed weights without disturbing the caller's RNG
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id

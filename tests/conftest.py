@@ -15,6 +15,10 @@ from tests.support import FactoryProcess, free_port, serving, write_config
 
 TINY_MODEL = "tiny"
 TINY_CONTEXT = 512
+# The tiny model's random weights make nearly every greedy choice a near tie, so the CPU precision
+# check (factory/precision.py) would move it to float32 on one machine and not on another; tests
+# serve its checkpoint's bf16 as configured. The check itself is tested in test_precision.py.
+TINY_DTYPE = "bfloat16"
 TENANT = "acme"
 TENANT_TOKENS = 100_000_000
 
@@ -54,7 +58,15 @@ def tiny_factory(tiny_model_dir, tmp_path_factory, keys):
     config = write_config(
         work / "factory.yaml",
         port=port,
-        models=[{"name": TINY_MODEL, "source": str(tiny_model_dir), "max_model_len": TINY_CONTEXT, "max_num_seqs": 32}],
+        models=[
+            {
+                "name": TINY_MODEL,
+                "source": str(tiny_model_dir),
+                "dtype": TINY_DTYPE,
+                "max_model_len": TINY_CONTEXT,
+                "max_num_seqs": 32,
+            }
+        ],
         auth="required",
         ledger={"path": str(keys.ledger_path)},
         # Levels fall after 1 s clear of their threshold (5 s by default), so power tests end quickly.

@@ -41,6 +41,7 @@ from factory.engine.vllm_seams import serving_objects
 from factory.engine.wire import Control
 from factory.hub import REPORT_INTERVAL_S
 from factory.metering.service import cost_model
+from factory.precision import Plan
 from factory.routing.stats import QUEUE_GAUGES, queue_lengths, routing_stats
 
 log = logging.getLogger("factory.engine")
@@ -69,7 +70,15 @@ class FactoryLLMServer(LLMServer):
         self._hub, self._ledger, self._governor = hub, ledger, governor
         self._control: dict[str, Any] = {"version": 0, "power_cap_w": None, "level": 0, "reason": "within budget"}
         self._model = await hub.assign.remote(self._replica_id)
-        self._init_shared(models[self._model], **kwargs)  # LLMServer's own set-up, engine not started
+        config = models[self._model]
+        self._precision = await asyncio.to_thread(
+            Plan.for_engine,
+            self._model,
+            config.model_loading_config.model_source,
+            config.engine_kwargs,
+            settings["precision_reference"].get(self._model),
+        )
+        self._init_shared(_with_dtype(config, self._precision.dtype), **kwargs)  # LLMServer's, engine not started
         telemetry: TelemetryConfig = settings["telemetry"]
         self._scheduler = settings["scheduler"]
         self._meter = ReplicaMeter(telemetry, self._scheduler) if telemetry.enabled else None
@@ -98,6 +107,13 @@ class FactoryLLMServer(LLMServer):
     async def _start_serving(self) -> None:
         await self.start()  # LLMServer: the engine, vLLM's serving objects
         serving = serving_objects(self.engine)
+        if self._precision.pending and (await self._precision.run(serving.engine_client)).dtype == "float32":
+            # Its 16-bit answers are not float32's on this machine: the same engine again, in float32.
+            serving.engine_client.shutdown()
+            await self.engine.shutdown()
+            self._llm_config = _with_dtype(self._llm_config, "float32")
+            await self.start()
+            serving = serving_objects(self.engine)
         serving.install_engine_client(
             MeteredEngineClient(serving.engine_client, serving.prompt_len, priorities=self._scheduler is not None)
         )
@@ -221,6 +237,14 @@ class FactoryLLMServer(LLMServer):
         }
 
 
+def _with_dtype(config: LLMConfig, dtype: str | None) -> LLMConfig:
+    if dtype is None or config.engine_kwargs.get("dtype") == dtype:
+        return config
+    config = config.model_copy(deep=True)
+    config.update_engine_kwargs(dtype=dtype)  # Ray's own: also its cached engine config
+    return config
+
+
 class LocalModelCallback(CallbackBase):
     """For models already on local disk: skip Ray Serve LLM's per-node download task.
 
@@ -231,4 +255,3 @@ class LocalModelCallback(CallbackBase):
 
     async def on_before_node_init(self) -> None:
         self.ctx.run_init_node = False
-

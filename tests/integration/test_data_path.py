@@ -16,6 +16,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import TINY_DTYPE
 from tests.support import FactoryProcess, free_port, serving, write_config
 
 pytestmark = pytest.mark.stack
@@ -30,7 +31,14 @@ def two_models(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("two-models")
     port = free_port()
     models = [
-        {"name": name, "source": str(tiny_model_dir), "max_model_len": 2048, "max_num_seqs": 8, "cpu_kv_cache_gib": 0.1}
+        {
+            "name": name,
+            "source": str(tiny_model_dir),
+            "dtype": TINY_DTYPE,
+            "max_model_len": 2048,
+            "max_num_seqs": 8,
+            "cpu_kv_cache_gib": 0.1,
+        }
         for name in MODELS
     ]
     config = write_config(

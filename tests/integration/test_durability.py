@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from factory.metering.ledger import Ledger
-from tests.conftest import TINY_CONTEXT, TINY_MODEL, bearer
+from tests.conftest import TINY_CONTEXT, TINY_DTYPE, TINY_MODEL, bearer
 from tests.support import FactoryProcess, free_port, write_config
 
 pytestmark = pytest.mark.stack
@@ -71,7 +71,9 @@ def test_kill_9_under_load_loses_no_completed_request(tiny_model_dir, tmp_path):
     config = write_config(
         tmp_path / "factory.yaml",
         port=port,
-        models=[{"name": TINY_MODEL, "source": str(tiny_model_dir), "max_model_len": TINY_CONTEXT}],
+        models=[
+            {"name": TINY_MODEL, "source": str(tiny_model_dir), "dtype": TINY_DTYPE, "max_model_len": TINY_CONTEXT}
+        ],
         auth="required",
         ledger={"path": str(ledger_path), "reservation_ttl_s": RESERVATION_TTL_S},
     )

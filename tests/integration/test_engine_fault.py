@@ -12,6 +12,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.conftest import TINY_DTYPE
 from tests.support import FactoryProcess, free_port, serving, write_config
 
 pytestmark = pytest.mark.stack
@@ -26,8 +27,16 @@ def factory(tiny_model_dir, tmp_path):
     config = write_config(
         tmp_path / "factory.yaml",
         port=port,
-        models=[{"name": MODEL, "source": str(tiny_model_dir), "max_model_len": 2048, "max_num_seqs": 8,
-                 "cpu_kv_cache_gib": 0.1}],  # fmt: skip
+        models=[
+            {
+                "name": MODEL,
+                "source": str(tiny_model_dir),
+                "dtype": TINY_DTYPE,
+                "max_model_len": 2048,
+                "max_num_seqs": 8,
+                "cpu_kv_cache_gib": 0.1,
+            }
+        ],  # fmt: skip
         auth="disabled",
         ledger={"path": str(tmp_path / "ledger.db")},
     )

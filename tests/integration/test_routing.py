@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TINY_CONTEXT, TINY_MODEL
+from tests.conftest import TINY_CONTEXT, TINY_DTYPE, TINY_MODEL
 from tests.support import FactoryProcess, free_port, write_config
 
 pytestmark = pytest.mark.stack
@@ -86,6 +86,7 @@ def _measure(router: str, model_dir, work) -> Run:
     model = {
         "name": TINY_MODEL,
         "source": str(model_dir),
+        "dtype": TINY_DTYPE,
         "max_model_len": TINY_CONTEXT,
         "max_num_seqs": 16,
         "replicas": 2,

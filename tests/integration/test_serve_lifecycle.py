@@ -46,6 +46,9 @@ def test_smollm_knows_the_capital_of_france(smollm_factory):
         temperature=0,
     )
     assert "Paris" in r.choices[0].message.content
+    # Right on this CPU by the precision check: bf16 where it answers as float32 does, else float32.
+    log = smollm_factory.log_path.read_text(errors="replace")
+    assert f"precision: {MODEL} serves " in log
     # Without auth the request is booked to 'anonymous', with its energy, and shows in /v1/usage.
     assert r.usage.energy_joules > 0
     rows = httpx.get(smollm_factory.base_url + "/v1/usage", params={"since": "2000-01-01"}).json()["data"]
