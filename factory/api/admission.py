@@ -53,6 +53,8 @@ class Ticket:
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     created_unix: int = field(default_factory=lambda: int(time.time()))
     worst_tokens: int = 0  # prompt + max_tokens x n over every engine request it makes
+    prompt_tokens: int = 0  # over every engine request
+    served_tokens: int = 0  # output tokens the engine handed to vLLM's serving code (to send to the client)
     parts: int = 0  # engine requests (n per prompt), each reporting its own energy under `key`
     tenant: str = "anonymous"
     priority: str = "standard"
@@ -67,6 +69,7 @@ class Ticket:
     def plan(self, prompt_tokens: int, max_tokens: int, n: int) -> None:
         """vLLM is about to run one engine request of this API request."""
         self.worst_tokens += prompt_tokens + max_tokens * n
+        self.prompt_tokens += prompt_tokens
         self.parts += n
         self.calls += 1
 
@@ -122,6 +125,10 @@ class MeteredEngineClient:
             kwargs["priority"] = PRIORITY_VALUE[ticket.priority]
         try:
             async for out in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
+                # New tokens only (vLLM's serving classes ask for deltas, or one final output): what
+                # is settled if the engine dies with the stream half sent and its meter record with it.
+                for completion in out.outputs:
+                    ticket.served_tokens += len(completion.token_ids)
                 yield out
         except BaseException:
             ticket.engine_failed = True

@@ -1,25 +1,29 @@
 """`POST /v1/chat/completions` and `POST /v1/completions` in the replica: vLLM's serving classes
 answer; the factory checks, admits, meters and settles around them.
 
-Per request: the checks vLLM leaves to later, the key and the reservation (factory/api/admission.py,
-at vLLM's own engine call), then vLLM's response with `usage.energy_joules` and `cost`. A stream's
-usage comes from vLLM's own count (`final_usage_info`, set once the stream's last engine output is
-handled) and the engine meter's record; it is settled, then sent as the stream's last chunk before
-`[DONE]`. No chunk is parsed: vLLM is told not to send its own usage chunk, so the first item its
-stream yields after the last engine output is `[DONE]`, and the factory's usage chunk goes before it.
+Per request: OpenAI's checks of the body (factory/api/validation.py), the key and the reservation
+(factory/api/admission.py, at vLLM's own engine call), then vLLM's response with
+`usage.energy_joules` and `cost`. A stream's usage comes from vLLM's own count (`final_usage_info`,
+set once the stream's last engine output is handled) and the engine meter's record; it is settled,
+then sent as the stream's last chunk before `[DONE]`. No chunk is parsed: vLLM is told not to send
+its own usage chunk, so the first item its stream yields after the last engine output is `[DONE]`,
+and the factory's usage chunk goes before it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from factory.api import validation
 from factory.api.admission import CURRENT_TICKET, Refused, Ticket
 from factory.api.errors import APIError, engine_unavailable, upstream_error
 from factory.engine.vllm_seams import (
+    STREAM_ERROR_PREFIX,
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
@@ -36,19 +40,15 @@ REQUEST_ID_HEADER = "x-factory-request-id"
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions")
+# OpenAI's checks (factory/api/validation.py) run on the JSON body first, as dependencies: before
+# vLLM's request model parses it.
+@router.post("/v1/chat/completions", dependencies=[Depends(validation.chat_body)])
 async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
-    _check_messages(body.messages)
-    _check_max_tokens(body.max_tokens, "max_tokens")
-    _check_max_tokens(body.max_completion_tokens, "max_completion_tokens")
     return await _serve(raw, body, chat=True)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", dependencies=[Depends(validation.completion_body)])
 async def completions(body: CompletionRequest, raw: Request) -> Response:
-    if body.prompt is None or body.prompt == "" or body.prompt == []:
-        raise APIError(400, "'prompt' must not be empty.", param="prompt", code="invalid_value")
-    _check_max_tokens(body.max_tokens, "max_tokens")
     return await _serve(raw, body, chat=False)
 
 
@@ -103,9 +103,13 @@ async def _serve(raw: Request, body: Any, *, chat: bool) -> Response:
 async def _metered(
     sse: AsyncGenerator[str, None], ticket: Ticket, raw: Request, *, chat: bool, model: str, billing: Any
 ) -> AsyncGenerator[str, None]:
-    """vLLM's stream as it is, with the settled usage chunk before its closing `[DONE]`."""
+    """vLLM's stream as it is, with the settled usage chunk before its closing `[DONE]`; if the
+    engine fails mid-stream, vLLM's error event (a 500 in its words) becomes the factory's
+    `engine_unavailable` one, as a new request would get it."""
     try:
         async for item in sse:
+            if ticket.engine_failed and item.startswith(STREAM_ERROR_PREFIX):
+                item = f"data: {json.dumps(engine_unavailable(model).body())}\n\n"
             if ticket.engine_done and not ticket.settled:
                 counted = final_usage(raw)
                 prompt, completion = (counted.prompt_tokens, counted.completion_tokens or 0) if counted else (0, 0)
@@ -118,26 +122,3 @@ async def _metered(
             yield item
     finally:
         billing.unfinished(ticket)
-
-
-def _check_messages(messages: list) -> None:
-    """What OpenAI rejects and vLLM would quietly accept: no messages, or one without content."""
-    if not messages:
-        raise APIError(400, "'messages' must contain at least one message.", param="messages", code="invalid_value")
-    for i, msg in enumerate(messages):
-        role = msg.get("role") if isinstance(msg, dict) else getattr(msg, "role", None)
-        content = msg.get("content") if isinstance(msg, dict) else getattr(msg, "content", None)
-        calls = msg.get("tool_calls") if isinstance(msg, dict) else getattr(msg, "tool_calls", None)
-        if content is None and not (role == "assistant" and calls):
-            raise APIError(
-                400,
-                f"Missing required parameter 'messages[{i}].content'.",
-                param=f"messages[{i}].content",
-                code="missing_required_parameter",
-            )
-
-
-def _check_max_tokens(value: int | None, param: str) -> None:
-    if value is not None and value < 1:
-        raise APIError(400, f"'{param}' must be at least 1, got {value}.", param=param, code="invalid_value")
-

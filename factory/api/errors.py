@@ -55,16 +55,25 @@ class APIError(Exception):
         self.code = code
         self.headers = headers
 
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {
         "error": {
-            "message": message,
+            "message": _utf8(message),
             "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-            "param": param,
+            "param": None if param is None else _utf8(param),
             "code": code,
         }
     }
+
+
+def _utf8(text: str) -> str:
+    """`text` as UTF-8 can carry it: a message or param that quotes the request may hold a lone
+    surrogate (JSON's "\\ud800" escape), which would make the response unencodable, a 500."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def error_response(
@@ -103,22 +112,33 @@ def engine_unavailable(model: str | None = None) -> APIError:
     )
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """First validation problem as (message, param), in words a client can act on."""
+def _param(loc: Any) -> str | None:
+    """A pydantic location in OpenAI's words: ("body", "messages", 0, "content") -> "messages[0].content"."""
+    param = ""
+    for part in loc:
+        if part != "body":
+            param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    return param or None
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """First validation problem as (message, param, code), in words a client can act on."""
     errors = exc.errors()
     if not errors:
-        return "The request body is invalid.", None
+        return "The request body is invalid.", None, "invalid_value"
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return f"The request body is not valid JSON ({first.get('msg', 'parse error')}).", None
-    if first.get("type") == "missing":
-        return f"Missing required parameter '{param}'.", param
+    param = _param(first.get("loc", ()))
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return f"The request body is not valid JSON ({first.get('msg', 'parse error')}).", None, "invalid_value"
+    if kind == "missing" and param:
+        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     where = f"'{param}'" if param else "the request body"
-    return f"Invalid value for {where}: {msg}{more}.", param
+    if kind.endswith(("_type", "_parsing")) or kind == "int_from_float":  # a value of the wrong type
+        return f"Invalid type for {where}: {msg}{more}.", param, "invalid_type"
+    return f"Invalid value for {where}: {msg}{more}.", param, "invalid_value"
 
 
 def upstream_error(status: int, message: str, err_type: str | None = None) -> APIError:
@@ -141,8 +161,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(400, message, param=param, code="invalid_value")
+        message, param, code = _validation_message(exc)
+        return error_response(400, message, param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -174,8 +194,9 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValidationError)
     async def _model_invalid(_: Request, exc: ValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
-        return error_response(400, f"Invalid request: {first.get('msg', exc)}.", param=param, code="invalid_value")
+        return error_response(
+            400, f"Invalid request: {first.get('msg', exc)}.", param=_param(first.get("loc", ())), code="invalid_value"
+        )
 
     @app.exception_handler(Exception)
     async def _fault(request: Request, exc: Exception) -> JSONResponse:

@@ -3,7 +3,8 @@ meter's final record, its price, its ledger row (committed before the client see
 
 A request that ends normally is settled with vLLM's own token counts. One that ends otherwise
 (client gone, timeout, engine error) is charged what the engine meter recorded it used up to the
-end, or has its reservation released when the engine never ran it.
+end; when the engine died and its record with it, the tokens the client was sent; its reservation
+is released when the engine never ran it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ class Billing:
     async def _unfinished(self, ticket: Ticket) -> None:
         try:
             rec = await self._final(ticket) if ticket.calls else None
+            if rec is None and ticket.engine_failed and ticket.served_tokens:
+                # The engine died with the answer half sent, and the meter's record went with it:
+                # the tenant pays for the tokens it was sent (energy unknown), the rest is released.
+                tokens = (ticket.prompt_tokens, ticket.served_tokens)
+                await self._charge(ticket, tokens, 0.0, 0.0, "missing", "failed")
+                return
             if rec is None:
                 if ticket.reserved:
                     await self._ledger.release.remote(ticket.key)

@@ -32,6 +32,8 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse, UsageInfo
 from vllm.renderers.inputs.preprocess import extract_prompt_len
 
 PINNED_VLLM = "0.32.0"
+# How vLLM's serving classes end a stream that failed: an SSE event of an ErrorResponse's JSON.
+STREAM_ERROR_PREFIX = 'data: {"error"'
 
 __all__ = [
     "ChatCompletionRequest",
@@ -59,6 +61,10 @@ class ServingObjects:
 
     def prompt_len(self, prompt: Any) -> int:
         return extract_prompt_len(self.engine_client.model_config, prompt)
+
+    def takes_media(self) -> bool:
+        """Whether the model takes images and audio (vLLM's own test, before it renders a prompt)."""
+        return bool(self.engine_client.model_config.is_multimodal_model)
 
     def engine_dead(self) -> bool:
         """Whether the engine's EngineCore (or one of its Workers) has died."""

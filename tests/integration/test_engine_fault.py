@@ -1,10 +1,13 @@
 """An engine that dies does not take the service down with a 500: kill -9 of a replica's vLLM
-EngineCore under load. While it is down every new request gets 503 + Retry-After in the OpenAI
-shape, streams in flight end (no 500), Serve replaces the replica (its health check fails at
-once) and the service answers again."""
+EngineCore, or of its Worker, under load. While it is down every new request gets 503 +
+Retry-After in the OpenAI shape, streams in flight end with an error event (no 500), Serve
+replaces the replica (its health check fails at once) and the service answers again. The ledger
+balances: every request is charged exactly the tokens its client was sent (a cut stream too),
+and nothing stays reserved."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -12,17 +15,23 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import TINY_DTYPE
+from factory.metering.ledger import Ledger
+from tests.conftest import TINY_DTYPE, bearer
 from tests.support import FactoryProcess, free_port, serving, write_config
 
 pytestmark = pytest.mark.stack
 
 MODEL = "tiny"
 BACK_WITHIN_S = 150  # generous for a loaded 2-core CI machine; the measured figure is printed
+TENANT, GRANT = "fault", 10_000_000
 
 
 @pytest.fixture
 def factory(tiny_model_dir, tmp_path):
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        ledger.create_tenant(TENANT)
+        _, key = ledger.create_key(TENANT)
+        ledger.grant_package(TENANT, GRANT)
     port = free_port()
     config = write_config(
         tmp_path / "factory.yaml",
@@ -37,32 +46,56 @@ def factory(tiny_model_dir, tmp_path):
                 "cpu_kv_cache_gib": 0.1,
             }
         ],  # fmt: skip
-        auth="disabled",
+        auth="required",
         ledger={"path": str(tmp_path / "ledger.db")},
     )
     with serving(FactoryProcess(config, tmp_path / "serve.log", port)) as f:
+        f.key, f.ledger_path = key, tmp_path / "ledger.db"
         yield f
 
 
-def _engine_core(factory: FactoryProcess) -> psutil.Process:
+def _engine_process(factory: FactoryProcess, title: str) -> psutil.Process:
+    """The replica's vLLM process by its title: VLLM::EngineCore or VLLM::Worker."""
     for p in factory.descendants():
         try:
-            if p.name().startswith("VLLM::EngineCor") or "VLLM::EngineCore" in " ".join(p.cmdline()):
+            if p.name().startswith(title[:15]) or title in " ".join(p.cmdline()):
                 return p
         except psutil.Error:
             continue
-    raise AssertionError("no EngineCore process under the factory")
+    raise AssertionError(f"no {title} process under the factory")
 
 
-def test_kill_9_of_the_engine_core_under_load_costs_503s_never_a_500(factory):
+def _tokens_sent(text: str) -> tuple[int, int | None, bool]:
+    """(completion tokens a stream carried, the usage it reported or None, whether it ended in the
+    OpenAI-shaped `engine_unavailable` error event). Each chunk lists its tokens (logprobs: 0)."""
+    tokens, usage, error = 0, None, False
+    for line in text.splitlines():
+        if not line.startswith("data: {"):
+            continue
+        event = json.loads(line[6:])
+        if "error" in event:
+            error = event["error"].get("code") == "engine_unavailable" and "message" in event["error"]
+        for choice in event.get("choices") or []:
+            tokens += len((choice.get("logprobs") or {}).get("tokens") or [])
+        if event.get("usage"):
+            usage = event["usage"]["completion_tokens"]
+    return tokens, usage, error
+
+
+@pytest.mark.parametrize("victim", ["VLLM::EngineCore", "VLLM::Worker"])
+def test_kill_9_of_the_engine_under_load_costs_503s_never_a_500_and_the_ledger_balances(factory, victim):
     statuses: list[tuple[float, int]] = []  # (when the answer ended, status; -1 = cut stream)
+    sent: dict[str, int] = {}  # request id -> completion tokens its client was sent
+    cut_with_error: list[str] = []
     problems: list[str] = []
     stop = threading.Event()
 
     def load(stream: bool) -> None:
-        with httpx.Client(base_url=factory.base_url, timeout=120) as client:
+        with httpx.Client(base_url=factory.base_url, headers=bearer(factory.key), timeout=120) as client:
             while not stop.is_set():
-                body = {"model": MODEL, "prompt": "Count:", "max_tokens": 32, "stream": stream}
+                body = {"model": MODEL, "prompt": "Count:", "max_tokens": 32, "stream": stream, "logprobs": 0}
+                if stream:  # long enough to be in flight when the engine dies
+                    body.update(max_tokens=1500, ignore_eos=True, stream_options={"include_usage": True})
                 try:
                     with client.stream("POST", "/v1/completions", json=body) as r:
                         text = r.read().decode(errors="replace")
@@ -72,17 +105,31 @@ def test_kill_9_of_the_engine_core_under_load_costs_503s_never_a_500(factory):
                             if "Retry-After" not in r.headers or '"error"' not in text:
                                 problems.append(f"503 without Retry-After or OpenAI body: {text[:300]}")
                             time.sleep(0.2)
+                        if r.status_code == 200:
+                            rid = r.headers["x-factory-request-id"]
+                            if stream:
+                                tokens, usage, error = _tokens_sent(text)
+                                if usage is not None and usage != tokens:
+                                    problems.append(f"{rid}: usage says {usage}, the stream carried {tokens}")
+                                if usage is None:
+                                    if not error:
+                                        problems.append(f"{rid}: cut without an error event: {text[-300:]}")
+                                    cut_with_error.append(rid)
+                                sent[rid] = tokens
+                            else:
+                                sent[rid] = json.loads(text)["usage"]["completion_tokens"]
                         statuses.append((time.monotonic(), r.status_code))
                 except httpx.HTTPError:  # a stream cut by the dying engine
                     statuses.append((time.monotonic(), -1))
 
-    threads = [threading.Thread(target=load, args=(s,)) for s in (True, False)]
+    process = _engine_process(factory, victim)  # found first: walking the process tree takes seconds
+    threads = [threading.Thread(target=load, args=(s,)) for s in (True, True, False)]
     for t in threads:
         t.start()
     try:
         time.sleep(5)
         assert any(s == 200 for _, s in statuses), statuses[-5:]
-        _engine_core(factory).kill()
+        process.kill()
         killed = time.monotonic()
         back = None
         while back is None and time.monotonic() - killed < BACK_WITHIN_S:
@@ -100,8 +147,28 @@ def test_kill_9_of_the_engine_core_under_load_costs_503s_never_a_500(factory):
     assert not problems, problems[:5]
     assert back is not None, f"not serving again within {BACK_WITHIN_S} s: {statuses[-5:]}"
     refused = sum(1 for t, s in statuses if t > killed and s == 503)
-    print(f"engine killed: served again after {back - killed:.1f} s; {refused} x 503 meanwhile")
+    assert cut_with_error, "no stream was in flight when the engine died"
+    dropped = sum(1 for _, s in statuses if s == -1)
+    assert dropped == 0, f"{dropped} connection(s) dropped without an HTTP answer"
+    print(f"{victim} killed: served again after {back - killed:.1f} s; {refused} x 503 meanwhile; "
+          f"{len(cut_with_error)} stream(s) ended with an error event")  # fmt: skip
     deadline = time.monotonic() + 60
     while httpx.get(factory.base_url + "/ready").status_code != 200:
         assert time.monotonic() < deadline, "never ready again"
         time.sleep(1)
+
+    # The ledger: every request charged what its client was sent, nothing left reserved.
+    deadline = time.monotonic() + 30
+    while True:
+        with Ledger(factory.ledger_path) as ledger:
+            rows = {u.request_id: u for u in ledger.usage(tenant=TENANT)}
+            balance = ledger.balance(TENANT)
+        if balance["reserved"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert balance["reserved"] == 0, balance
+    wrong = {rid: (n, rows[rid].completion_tokens if rid in rows else None) for rid, n in sent.items()
+             if n and (rid not in rows or rows[rid].completion_tokens != n)}  # fmt: skip
+    assert not wrong, f"charged != sent (request: (sent, charged)): {list(wrong.items())[:5]}"
+    charged = sum(u.prompt_tokens + u.completion_tokens for u in rows.values())
+    assert balance["used"] == charged, (balance, charged)

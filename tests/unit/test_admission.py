@@ -28,7 +28,8 @@ class ScriptedEngine:
             if self.fail_after is not None and i == self.fail_after:
                 raise RuntimeError("engine died")
             await asyncio.sleep(0)
-            yield SimpleNamespace(request_id=request_id, index=i)
+            # Deltas, as vLLM's serving classes ask for them: two new tokens per output.
+            yield SimpleNamespace(request_id=request_id, index=i, outputs=[SimpleNamespace(token_ids=[i, i])])
 
 
 def params(max_tokens: int, n: int = 1, extra=None) -> SimpleNamespace:
@@ -64,6 +65,7 @@ def test_the_worst_case_is_reserved_once_for_every_engine_request_before_any_run
     ticket, outs = asyncio.run(scenario())
     assert admitted == [(10 + 20 + 4 + 6 * 2, 0)]  # once, with nothing started yet
     assert (ticket.parts, ticket.calls, ticket.finished) == (3, 2, 2)
+    assert (ticket.prompt_tokens, ticket.served_tokens) == (10 + 4, 2 * 3 * 2)
     assert ticket.engine_done and not ticket.engine_failed
     assert [len(o) for o in outs] == [3, 3]
     for call in engine.calls:
@@ -108,6 +110,7 @@ def test_an_engine_failure_marks_the_ticket_and_requests_without_a_ticket_pass_s
 
     ticket, plain = asyncio.run(scenario())
     assert ticket.engine_failed and not ticket.engine_done
+    assert ticket.served_tokens == 2  # one output of two tokens got out before the engine died
     assert len(plain) == 3 and ticket.calls == 1
 
 

@@ -55,9 +55,7 @@ def test_a_usage_chunk_is_vllms_own_chunk_with_the_factorys_fields():
     assert body["object"] == "chat.completion.chunk"
     assert body["choices"] == []
     assert body["usage"] == usage
-    text = json.loads(
-        vllm_seams.usage_chunk(chat=False, response_id="cmpl-1", created=7, model="m", usage=usage)[6:]
-    )
+    text = json.loads(vllm_seams.usage_chunk(chat=False, response_id="cmpl-1", created=7, model="m", usage=usage)[6:])
     assert text["object"] == "text_completion" and text["id"] == "cmpl-1"
 
 
@@ -71,3 +69,28 @@ def test_asyncllm_still_says_when_its_engine_died():
 
     assert vllm_seams.ServingObjects(None, None, Client()).engine_dead()
     assert not vllm_seams.ServingObjects(None, None, object()).engine_dead()
+
+
+def test_the_model_config_still_says_whether_a_model_takes_media():
+    # factory/api/validation.py refuses image and audio parts for a text model with this.
+    from vllm.config import ModelConfig
+
+    assert isinstance(inspect.getattr_static(ModelConfig, "is_multimodal_model"), property)
+
+    class Client:
+        class model_config:  # noqa: N801 - stands for vLLM's ModelConfig instance
+            is_multimodal_model = False
+
+    assert not vllm_seams.ServingObjects(None, None, Client()).takes_media()
+
+
+def test_a_failed_stream_still_ends_with_an_error_response_event():
+    # factory/api/completions.py swaps this event for its own when the engine died mid-stream.
+    from vllm.entrypoints.serve.engine.protocol import ErrorInfo
+
+    for module in (chat_serving, completion_serving):
+        source = inspect.getsource(module)
+        assert "data = self.create_streaming_error_response(" in source
+        assert 'yield f"data: {data}\\n\\n"' in source
+    body = vllm_seams.ErrorResponse(error=ErrorInfo(message="gone", type="InternalServerError", code=500))
+    assert f"data: {json.dumps(body.model_dump())}".startswith(vllm_seams.STREAM_ERROR_PREFIX)
