@@ -286,13 +286,19 @@ class Plan:
         """The dtype to start the engine in (None = as configured)."""
         return self.verdict.dtype if self.verdict is not None else self.candidate
 
-    async def run(self, engine: Any) -> Verdict:
-        """Check the running engine, keep and log the verdict."""
+    async def run(self, engine: Any) -> str:
+        """Check the running engine, keep and log the verdict; the dtype to serve. A check that
+        cannot run (the reference unreadable, the scorer failing) leaves the engine as it is,
+        says so, and is tried again at the next start: it must never keep a replica from serving."""
         assert self.candidate is not None and self.path is not None
-        self.verdict = await check(engine, self.source, self.candidate, self.reference)
+        try:
+            self.verdict = await check(engine, self.source, self.candidate, self.reference)
+        except Exception as err:
+            log.warning("precision: %s serves %s unchecked: the check failed (%s)", self.model, self.candidate, err)
+            return self.candidate
         save_verdict(self.path, self.verdict)
         log.info(self.verdict.line(self.model, cached=False))
-        return self.verdict
+        return self.verdict.dtype
 
 
 if __name__ == "__main__":

@@ -135,8 +135,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     meter.start(time.perf_counter())
     try:
         with LiveProgress(enabled=cfg.progress and sys.stderr.isatty()) as progress:
-            for spec in cfg.levels:
-                result["levels"].append(_run_one(cfg, spec, meter, prices, progress, tokenizer))
+            for index, spec in enumerate(cfg.levels):
+                result["levels"].append(_run_one(cfg, spec, index, meter, prices, progress, tokenizer))
     finally:
         meter.stop()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,12 +145,18 @@ def run_bench(cfg: BenchConfig) -> dict:
     return result
 
 
-def _run_one(cfg: BenchConfig, spec: LoadSpec, meter, prices: dict, progress, tokenizer) -> dict:
+def level_seed(seed: int, index: int) -> int:
+    """Each level of a sweep gets prompts of its own: the previous level's prompts again would find
+    their KV blocks in a server's prefix cache and read a TTFT no new client would see."""
+    return seed + 1009 * index
+
+
+def _run_one(cfg: BenchConfig, spec: LoadSpec, index: int, meter, prices: dict, progress, tokenizer) -> dict:
     load = spec.to_dict()
     requests = build_requests(
         parse_dataset(cfg.dataset),
         _requests_for(cfg, spec),
-        cfg.seed,
+        level_seed(cfg.seed, index),
         input_len=cfg.input_len,
         output_len=cfg.output_len,
     )

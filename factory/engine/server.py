@@ -107,7 +107,7 @@ class FactoryLLMServer(LLMServer):
     async def _start_serving(self) -> None:
         await self.start()  # LLMServer: the engine, vLLM's serving objects
         serving = serving_objects(self.engine)
-        if self._precision.pending and (await self._precision.run(serving.engine_client)).dtype == "float32":
+        if self._precision.pending and await self._precision.run(serving.engine_client) == "float32":
             # Its 16-bit answers are not float32's on this machine: the same engine again, in float32.
             serving.engine_client.shutdown()
             await self.engine.shutdown()
@@ -223,6 +223,7 @@ class FactoryLLMServer(LLMServer):
             waiting=waiting,
             max_num_seqs=self._llm_config.engine_kwargs["max_num_seqs"],
             control=self._control_stats(),
+            engine_down=self._ctx.engine_down(),
         )
 
     def _control_stats(self) -> dict[str, Any]:

@@ -138,6 +138,7 @@ class ReplicaView:
     capacity: int | None = None  # most requests it runs at once now (its batch cap if any); None = not reported
     efficient_batch: int | None = None  # batch beyond which its tokens per joule stop improving; None = unknown
     throttle_level: int = 0  # 0 = free; >= 1 = held at its power cap by the governor
+    engine_down: bool = False  # its engine died: it answers 503 until Serve replaces it
 
     def __post_init__(self) -> None:
         if self.load < 0 or (self.capacity is not None and self.capacity < 1) or self.throttle_level < 0:
@@ -166,16 +167,19 @@ class Balance:
 
 def rank(views: Sequence[ReplicaView], depth: Mapping[str, int], balance: Balance = Balance()) -> list[str]:
     """Replica ids, best first, for one request; `depth` is each replica's cached-prefix match
-    in blocks (PrefixIndex.matches). Ties break by load, then id, so a ranking is reproducible."""
+    in blocks (PrefixIndex.matches). Ties break by load, then id, so a ranking is reproducible. A
+    replica whose engine died comes last: while Serve replaces it, its requests go to live ones."""
+    down = sorted(v.id for v in views if v.engine_down)
+    views = [v for v in views if not v.engine_down]
     if not views:
-        return []
+        return down  # it answers 503 + Retry-After
     coolest = min(v.throttle_level for v in views)
     free = sorted((v for v in views if v.throttle_level == coolest), key=lambda v: (v.load, v.id))
     throttled = sorted(
         (v for v in views if v.throttle_level != coolest), key=lambda v: (v.throttle_level, v.load, v.id)
     )
     first = _first_choice(free, depth, balance)
-    return [first.id] + [v.id for v in free if v is not first] + [v.id for v in throttled]
+    return [first.id] + [v.id for v in free if v is not first] + [v.id for v in throttled] + down
 
 
 def _first_choice(by_load: list[ReplicaView], depth: Mapping[str, int], balance: Balance) -> ReplicaView:

@@ -42,11 +42,13 @@ def routing_stats(
     received: int = 0,
     in_flight: int = 0,
     duration_s: float | None = None,
+    engine_down: bool = False,
 ) -> dict[str, Any]:
     """What a replica tells the routers: the model it serves, its queue (vLLM's running and waiting
     requests), the requests its HTTP server has received in all and has in flight now and how long
-    they typically take, its size, and what the power control set (throttle level, batch cap,
-    efficient batch). The duration is rounded, so the dict changes (and is rebroadcast) seldom."""
+    they typically take, its size, what the power control set (throttle level, batch cap,
+    efficient batch), and whether its engine died. The duration is rounded, so the dict changes
+    (and is rebroadcast) seldom."""
     return {
         "model": model,
         "received": int(received),
@@ -58,6 +60,7 @@ def routing_stats(
         "batch_cap": control.get("batch_cap"),
         "efficient_batch": control.get("efficient_batch"),
         "throttle_level": int(control.get("throttle_level") or 0),
+        "engine_down": bool(engine_down),
     }
 
 
@@ -76,4 +79,5 @@ def replica_view(replica_id: str, stats: Mapping[str, Any], ongoing: int | None)
         capacity=min(limits) if limits else None,
         efficient_batch=stats.get("efficient_batch"),
         throttle_level=int(stats.get("throttle_level") or 0),
+        engine_down=bool(stats.get("engine_down")),
     )

@@ -33,6 +33,15 @@ def test_random_is_deterministic_for_a_seed_and_differs_across_seeds():
     assert [_text(r) for r in a] != [_text(r) for r in c]
 
 
+def test_each_level_of_a_sweep_sends_prompts_no_earlier_level_sent():
+    # Prompts repeated across levels would be served from the server's prefix cache.
+    from factory.bench.runner import level_seed
+
+    levels = [build_requests("random", 200, level_seed(0, i), input_len="64", output_len="8") for i in range(3)]
+    first_words = [{" ".join(_text(r).split()[:8]) for r in level} for level in levels]
+    assert not (first_words[0] & first_words[1]) and not (first_words[1] & first_words[2])
+
+
 def test_random_prompts_have_the_asked_word_count_from_the_word_list_and_are_unique():
     reqs = build_requests("random", 300, 1, input_len="uniform:5:60", output_len="32")
     for i, r in enumerate(reqs):

@@ -3,6 +3,7 @@ float32's scoring, on both outcomes (the 16-bit engine kept, float32 chosen)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -91,3 +92,11 @@ def test_float32_scores_its_own_greedy_answer_zero_and_a_worse_token_by_its_dist
     own, other = precision.score(str(tiny_model_dir), [prompt, prompt], [greedy, [worst]])
     assert own == [0.0] * 4
     assert other[0] == pytest.approx(float(first.max() - first[worst]), abs=1e-3) and other[0] > 1.0
+
+
+def test_a_check_that_cannot_run_leaves_the_engine_serving_and_keeps_no_verdict(tmp_path, caplog):
+    plan = precision.Plan("m", str(tmp_path / "no-such-model"), "bfloat16", tmp_path / "verdict.json")
+    with caplog.at_level("WARNING", logger="factory.precision"):
+        assert asyncio.run(plan.run(engine=None)) == "bfloat16"
+    assert plan.verdict is None and not (tmp_path / "verdict.json").exists()
+    assert "serves bfloat16 unchecked" in caplog.text

@@ -108,6 +108,18 @@ def test_index_forgets_blocks_older_than_ttl_and_departed_replicas():
 # --- ranking ---
 
 
+def test_a_replica_whose_engine_died_comes_last_and_alone_is_still_named():
+    # Its prefix and its idleness count for nothing: it would answer 503 until Serve replaces it.
+    views = [view("a", 0, engine_down=True), view("b", 5), view("c", 3, throttle_level=1)]
+    assert rank(views, {"a": 9}) == ["b", "c", "a"]
+    assert rank([view("a", engine_down=True)], {}) == ["a"]
+    stats = routing_stats(model="m", running=0, waiting=0, max_num_seqs=8, control={}, engine_down=True)
+    assert replica_view("a", stats, 0).engine_down
+    assert not replica_view(
+        "b", routing_stats(model="m", running=0, waiting=0, max_num_seqs=8, control={}), 0
+    ).engine_down
+
+
 def test_prefix_holder_wins_while_its_extra_load_is_within_the_margin():
     views = [view("a", 6, capacity=16), view("b", 2, capacity=16), view("c", 3, capacity=16)]
     assert rank(views, {"a": 3, "b": 0, "c": 1}) == ["a", "b", "c"]  # 6 - 2 <= max(4, 25% of 16)
