@@ -158,7 +158,7 @@ def test_aborted_stream_is_charged_for_what_it_used(api, client):
     attempts = []
     with background_load(send, workers=8):
         time.sleep(1)
-        for _ in range(4):
+        for _ in range(8):
             with api.stream("POST", "/v1/completions", json=body) as r:
                 request_id = r.headers["x-factory-request-id"]
                 for line in r.iter_lines():
