@@ -839,19 +839,25 @@ def _takes_media(request: Request) -> bool:
     return serving is not None and serving.takes_media()
 
 
-async def chat_body(request: Request) -> None:
-    """FastAPI dependency of `POST /v1/chat/completions`: runs before vLLM's model parses the body."""
+async def _checked_body(request: Request) -> Any:
+    """The parsed body once the whole-body checks passed, or _UNPARSED (FastAPI answers that)."""
     body = await _body(request)
     if body is not _UNPARSED:
         _check_strict_json(await request.body())
+    return body
+
+
+async def chat_body(request: Request) -> None:
+    """FastAPI dependency of `POST /v1/chat/completions`: runs before vLLM's model parses the body."""
+    body = await _checked_body(request)
+    if body is not _UNPARSED:
         check_chat(body, media=_takes_media(request))
 
 
 async def completion_body(request: Request) -> None:
     """FastAPI dependency of `POST /v1/completions`: runs before vLLM's model parses the body."""
-    body = await _body(request)
+    body = await _checked_body(request)
     if body is not _UNPARSED:
-        _check_strict_json(await request.body())
         check_completion(body)
 
 
