@@ -42,17 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from metering import MODEL, _scrape, start_factory  # noqa: E402  (sibling scripts)
 from overhead import _load, _one, _stop  # noqa: E402
 
+from factory.bench.schema import cpu_model  # noqa: E402
 from factory.config import FactoryConfig  # noqa: E402
 
 POLICIES = ("stock", "energy")
 ENERGY = "factory_energy_joules_total"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def _start(work: Path, port: int, policy: str, args: argparse.Namespace, tag: str) -> subprocess.Popen:

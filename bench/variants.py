@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,17 +31,11 @@ from pathlib import Path
 
 import yaml
 
+from factory.bench.schema import cpu_model
 from factory.bench.vsvllm import _factory_doc, _stock_cmd, start_server, stop_server, wait_ready
 
 FACTORY = str(Path(sys.executable).with_name("factory"))
 PACKAGE_TOKENS = 10**9
-
-
-def _cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _factory(setup: str, config: str | None, port: int, work: Path) -> tuple[list[str], dict, str | None]:
@@ -137,14 +130,23 @@ def main() -> int:
                         bench += ["--api-key", key]
                     subprocess.run(bench, check=True, capture_output=True)
                     m = _aggregates(run_dir)
-                    rows.append({"round": rnd, "setup": setup, "load": f"c={conc} {n_in}x{n_out}", **{
-                        name: _pick(m, *path) * (1 if name == "output tok/s" else 1e3) for name, path in FIGURES.items()
-                    }, "failed": m.get("failed")})
+                    rows.append(
+                        {
+                            "round": rnd,
+                            "setup": setup,
+                            "load": f"c={conc} {n_in}x{n_out}",
+                            **{
+                                name: _pick(m, *path) * (1 if name == "output tok/s" else 1e3)
+                                for name, path in FIGURES.items()
+                            },
+                            "failed": m.get("failed"),
+                        }
+                    )
                     print("  " + json.dumps(rows[-1]), flush=True)
             finally:
                 stop_server(proc)
-    (args.out / "rows.json").write_text(json.dumps({"cpu": _cpu_model(), "rows": rows}, indent=1))
-    print(f"\n{_cpu_model()}; median of {args.rounds} round(s); ratio = output tok/s / {setups[0]}'s\n")
+    (args.out / "rows.json").write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
+    print(f"\n{cpu_model()}; median of {args.rounds} round(s); ratio = output tok/s / {setups[0]}'s\n")
     print("| load | setup | " + " | ".join(FIGURES) + " | ratio |")
     print("|---|---|" + "---|" * (len(FIGURES) + 1))
     for load in dict.fromkeys(r["load"] for r in rows):

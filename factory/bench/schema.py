@@ -96,15 +96,27 @@ def _gpu_names() -> list[str]:
 
 
 def environment() -> dict:
-    """Where the bench ran: host, CPU count, Python, platform, factory version, GPU names."""
+    """Where the bench ran: host, CPU model and count, Python, platform, factory version, GPU names."""
     return {
         "host": socket.gethostname(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "factory_version": _factory_version(),
         "gpus": _gpu_names(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name as `lscpu` prints it (numerics and speed differ between CPU families)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def save(result: dict, dir: str | Path) -> Path:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -260,3 +263,33 @@ def test_bad_levels_say_why(conc, rate, match):
 def test_trace_mode_needs_arrival_times():
     with pytest.raises(LoadError, match="arrival_s"):
         asyncio.run(_level("http://127.0.0.1:9", _requests(2), LoadSpec("trace", None)))
+
+
+def _policy(pid: int) -> int:
+    return os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
+
+
+def test_the_client_runs_ahead_of_servers_while_a_level_runs_and_its_children_do_not():
+    from factory.bench.runner import client_first
+
+    before = _policy(0)
+    with client_first() as how:
+        if how != "fifo":
+            pytest.skip(f"no real-time slot for the client here ({how})")
+        assert _policy(0) == os.SCHED_FIFO
+        child = subprocess.run(  # a server started meanwhile gets the normal policy
+            [sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"], capture_output=True, text=True
+        )
+        assert int(child.stdout) == os.SCHED_OTHER
+    assert _policy(0) == before
+
+
+def test_without_the_right_the_level_runs_at_normal_priority_and_says_why(monkeypatch):
+    from factory.bench.runner import client_first
+
+    def refused(*_):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refused)
+    with client_first() as how:
+        assert how == "normal: Operation not permitted"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -91,6 +92,8 @@ def test_environment_describes_the_machine_and_names_the_gpus(monkeypatch):
     env = schema.environment()
     assert env["host"] == socket.gethostname()
     assert env["cpus"] == os.cpu_count()
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    assert f"Model name: {env['cpu_model']}" in " ".join(lscpu.split())  # as lscpu names it
     assert env["python"] == f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     assert env["factory_version"] == "0.1.0"
     assert env["gpus"] == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
