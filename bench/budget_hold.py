@@ -60,16 +60,28 @@ def steady_load(base: str, concurrency: int, max_tokens: int, stop: threading.Ev
     return thread
 
 
-def readings(base: str, seconds: float) -> list[tuple[float, float]]:
-    """(reading time, cumulative J) of the one replica, each new reading once."""
-    out: list[tuple[float, float]] = []
+def readings(base: str, seconds: float) -> tuple[list[tuple[float, float]], list[tuple[float, dict]]]:
+    """(reading time, cumulative J) of the one replica at the engine sampler's pace (each power
+    report carries its last few seconds of readings, merged here in time order), and the
+    governor's row for it at each poll."""
+    seen: dict[float, float] = {}
+    rows: list[tuple[float, dict]] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         (row,) = httpx.get(base + "/admin/power", timeout=10).json()["replicas"]
-        if not out or row["energy_time_s"] > out[-1][0]:
-            out.append((row["energy_time_s"], row["energy_j"]))
-        time.sleep(0.1)
-    return out
+        rows.append((time.time(), row))
+        seen.update({t: j for t, j in row["readings"]})
+        time.sleep(0.25)
+    return sorted(seen.items()), rows
+
+
+def applied_after_s(rows: list[tuple[float, dict]], changed_s: float) -> float | None:
+    """Seconds from the budget change to the first poll that saw the engine's acknowledgement of a
+    cap (None: never seen)."""
+    for t, row in rows:
+        if row["cap_w"] is not None and row["applied_version"] == row["control_version"]:
+            return t - changed_s
+    return None
 
 
 def sweep(base: str, scopes: list[str], levels: list[float], unconstrained_w: float, lift_s: float) -> list[dict]:
@@ -79,17 +91,28 @@ def sweep(base: str, scopes: list[str], levels: list[float], unconstrained_w: fl
             budget_w = round(level * unconstrained_w, 1)
             changed_s = time.time()
             httpx.put(base + "/admin/power/budget", json={SCOPE_KEY[scope]: budget_w}, timeout=10).raise_for_status()
-            got = hold(readings(base, 13.5), budget_w, changed_s)
+            put_s = time.time() - changed_s
+            series, polls = readings(base, 13.5)
+            got = hold(series, budget_w, changed_s)
             (row,) = httpx.get(base + "/admin/power", timeout=10).json()["replicas"]
             httpx.put(base + "/admin/power/budget", json={}, timeout=10).raise_for_status()
-            result = {"scope": scope, "level": level, "level_name": row["reason"], "throttle_level": row["level"]}
+            result = {
+                "scope": scope,
+                "level": level,
+                "reason": row["reason"],
+                "throttle_level": row["level"],
+                "put_s": put_s,
+                "cap_seen_s": applied_after_s(polls, changed_s),
+                "control_latency_s": row["control_latency_s"],
+            }
             result.update(got.to_dict() if got else {"budget_w": budget_w, "held": None})
             rows.append(result)
             if got:
                 print(
                     f"{scope:>4} {level:>5.0%}  budget {budget_w:6.1f} W  mean {got.mean_w:6.1f} W "
                     f"({got.mean_error:+6.1%})  worst 1 s {got.worst_sample_w:6.1f} W ({got.worst_sample_error:+6.1%})"
-                    f"  level {row['level']}  {'held' if got.held else 'NOT HELD'}",
+                    f"  level {row['level']}  cap seen +{result['cap_seen_s'] or float('nan'):.1f} s"
+                    f"  {'held' if got.held else 'NOT HELD'}",
                     flush=True,
                 )
             time.sleep(lift_s)
@@ -115,7 +138,7 @@ def main() -> int:
     try:
         load = steady_load(base, args.concurrency, args.max_tokens, stop)
         time.sleep(6)  # the load reaches its steady state
-        before = readings(base, 10)
+        before, _ = readings(base, 10)
         unconstrained_w = average_w(before, before[0][0], before[-1][0])
         print(
             f"{cpu_model()}, {MODEL}, concurrency {args.concurrency}: unconstrained {unconstrained_w:.1f} W (MODELED)"

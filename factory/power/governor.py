@@ -109,6 +109,7 @@ class PowerGovernor:
                     "power_w": rep["power_w"],
                     "energy_j": rep["energy_j"],
                     "energy_time_s": rep["time_s"],
+                    "readings": rep.get("readings", []),  # [(time s, J)] of the last few seconds
                     "source": rep["source"],
                     "demand_w": rep["demand_w"],
                     "tokens_per_joule": rep["tokens_per_joule"],
