@@ -26,21 +26,12 @@ from collections import deque
 from typing import Any
 
 import zmq
-from vllm.platforms import current_platform
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
 from factory.engine.meter import EngineMeter
-from factory.engine.vllm_seams import wait_without_spinning
-from factory.engine.wire import (
-    SCHEDULER_ENV,
-    Control,
-    SchedulerSettings,
-    SchedulerStats,
-    decode_control,
-    scheduler_settings,
-)
+from factory.engine.wire import SCHEDULER_ENV, Control, SchedulerSettings, SchedulerStats, decode_control, scheduler_settings
 from factory.policy.batch import BatchDecision, EnergyCurve, Slo, choose_batch
 from factory.policy.profile import load_profile
 from factory.policy.throttle import DutyController
@@ -72,8 +63,6 @@ class _Metered:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._meter = EngineMeter.from_env()
-        if current_platform.is_cpu():  # the EngineCore waits on its Worker asleep, not spinning
-            wait_without_spinning()
 
     def schedule(self, *args, **kwargs):
         out = super().schedule(*args, **kwargs)

@@ -10,9 +10,7 @@ ray==2.60.0, in one place; tests/unit/test_vllm_seams.py fails when an upgrade m
 - `raw_request.state.request_metadata`: where the serving classes leave the response id and, once
   a stream's last output is handled, `final_usage_info`, vLLM's own token counts;
 - `extract_prompt_len`: vLLM's count of an engine input's prompt tokens;
-- `AsyncLLM.errored`: true once its EngineCore (or a Worker) died;
-- `SpinCondition` (vLLM's shared-memory message queue): its readers busy-loop with `sched_yield`
-  for `busy_loop_s` after each read (`wait_without_spinning`).
+- `AsyncLLM.errored`: true once its EngineCore (or a Worker) died.
 """
 
 from __future__ import annotations
@@ -50,7 +48,6 @@ __all__ = [
     "response_id",
     "serving_objects",
     "usage_chunk",
-    "wait_without_spinning",
 ]
 
 
@@ -114,26 +111,3 @@ def usage_chunk(*, chat: bool, response_id: str, created: int, model: str, usage
         usage=UsageInfo(**usage),
     )
     return f"data: {chunk.model_dump_json(exclude_unset=True, exclude_none=True)}\n\n"
-
-
-def wait_without_spinning() -> None:
-    """Make this process's readers of vLLM's shared-memory queues sleep until written to, instead
-    of spinning on `sched_yield` for a second after each read. Called in a CPU engine's EngineCore,
-    which otherwise spins through every forward pass of its Worker (80-97 % of a core on the 2-core
-    machine): the kernel then left the replica's other threads, Ray's calls and the governor
-    runnable for seconds (a budget PUT took up to 2.8 s and /admin/power up to 7.9 s under load;
-    0.14 s and 0.08 s without the spin). Waking costs one ZeroMQ notification per step (tens of us
-    against a CPU step of 30 ms or more); GPU engines keep vLLM's spin, where cores are plenty and
-    a step is a few ms. Patches the class, so queues made before the call wait this way too."""
-    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
-
-    spin_wait = SpinCondition.wait
-    if getattr(spin_wait, "factory_blocking", False):
-        return
-
-    def wait(self, timeout_ms: int | None = None) -> Any:
-        self.busy_loop_s = 0.0  # past the busy window at once: poll the writer's notification
-        return spin_wait(self, timeout_ms)
-
-    wait.factory_blocking = True  # type: ignore[attr-defined]
-    SpinCondition.wait = wait

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 
 import vllm
 from ray.llm._internal.serve.engines.vllm import vllm_engine
@@ -95,43 +94,3 @@ def test_a_failed_stream_still_ends_with_an_error_response_event():
         assert 'yield f"data: {data}\\n\\n"' in source
     body = vllm_seams.ErrorResponse(error=ErrorInfo(message="gone", type="InternalServerError", code=500))
     assert f"data: {json.dumps(body.model_dump())}".startswith(vllm_seams.STREAM_ERROR_PREFIX)
-
-
-def test_a_cpu_engine_waits_on_its_worker_asleep_not_spinning():
-    """vLLM's shared-memory queue readers spin on sched_yield for a second after each read; after
-    wait_without_spinning() a reader with nothing written sleeps until its timeout (or a write)."""
-    import time
-
-    import zmq
-    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
-
-    from factory.engine.vllm_seams import wait_without_spinning
-
-    ctx = zmq.Context()
-    address = f"ipc:///tmp/factory-spin-{os.getpid()}"
-    writer = SpinCondition(is_reader=False, context=ctx, notify_address=address)
-    reader = SpinCondition(is_reader=True, context=ctx, notify_address=address)
-    try:
-        reader.record_read()  # just read: vLLM's own wait returns at once (a spin turn)
-        t0 = time.monotonic()
-        reader.wait(timeout_ms=200)
-        assert time.monotonic() - t0 < 0.1
-        wait_without_spinning()
-        wait_without_spinning()  # once is enough; twice changes nothing
-        reader.record_read()
-        t0 = time.monotonic()
-        reader.wait(timeout_ms=200)
-        assert time.monotonic() - t0 >= 0.15  # asleep on the writer's notification
-        writer.notify()
-        t0 = time.monotonic()
-        reader.wait(timeout_ms=2000)
-        assert time.monotonic() - t0 < 1.0  # and woken by a write
-    finally:
-        for sock in (
-            writer.local_notify_socket,
-            reader.local_notify_socket,
-            reader.read_cancel_socket,
-            reader.write_cancel_socket,
-        ):
-            sock.close(linger=0)
-        ctx.term()
