@@ -107,7 +107,11 @@ def sweep(base: str, scopes: list[str], levels: list[float], unconstrained_w: fl
             }
             result.update(got.to_dict() if got else {"budget_w": budget_w, "held": None})
             rows.append(result)
-            if got:
+            if got is None:
+                print(
+                    f"{scope:>4} {level:>5.0%}  budget {budget_w:6.1f} W  no figure: the readings have gaps", flush=True
+                )
+            else:
                 print(
                     f"{scope:>4} {level:>5.0%}  budget {budget_w:6.1f} W  mean {got.mean_w:6.1f} W "
                     f"({got.mean_error:+6.1%})  worst 1 s {got.worst_sample_w:6.1f} W ({got.worst_sample_error:+6.1%})"
