@@ -234,7 +234,9 @@ def test_with_two_replicas_requests_go_to_the_live_one_while_the_dead_one_is_rep
     served = sum(1 for t, s in after if s == 200)
     print(f"one of two engines killed: {len(refused)} x 503 (at {refused} s), {served} served")
     # Without the routing stats saying so, the dead replica kept its share until Serve dropped it:
-    # 13 x 503 over ~3 s in the same test; with them 1 to 4, in the first 0.25 s (what was in flight
-    # or routed before the next poll, every 0.5 s).
-    assert len(refused) <= 8, f"requests kept going to the dead replica: 503 at {refused} s"
+    # 13 x 503 over ~3 s in the same test. With them, 503s come only before the router hears (the
+    # replica's check and the stats poll, every 0.5 s each): 1 to 9 of them, all by 0.9 s (a dead
+    # replica answers 503 at once, so how many depends on how fast the clients come back, not on
+    # routing; when the last one comes is what routing decides).
+    assert max(refused, default=0.0) <= 1.5, f"requests kept going to the dead replica: 503 at {refused} s"
     assert served >= 20, f"the live replica served only {served} requests"
