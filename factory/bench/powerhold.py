@@ -3,8 +3,8 @@
 The measure (issue 17): after a budget change, the mean draw over `window_s` starting `settle_s`
 after the change is within ±5 % of the budget, and no one-second sample in that span is off by
 more than 10 %. Averages come from the cumulative energy counter (interpolated to the window's
-edges), so they are exact, not a scrape interval's guess. Shared by bench/budget_hold.py and the
-stack test that sweeps the levels.
+edges), so they are exact, not a scrape interval's guess. Used by bench/budget_hold.py (the
+stack test that sweeps the levels waits for the budget-change fix, issue 17).
 """
 
 from __future__ import annotations
