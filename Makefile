@@ -12,13 +12,13 @@ FLAVOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 EXTRAS_serve := $(FLAVOR)
 EXTRAS_test := $(FLAVOR),test
 
-.PHONY: serve test install browser clean-venv
+.PHONY: serve test install browser postgres clean-venv
 
 serve: $(VENV)/.stamp-serve-$(FLAVOR)
 	$(VENV)/bin/factory models pull smollm2-135m
 	$(VENV)/bin/factory serve $(CONFIG) $(SERVE_ARGS)
 
-test: $(VENV)/.stamp-test-$(FLAVOR) browser
+test: $(VENV)/.stamp-test-$(FLAVOR) browser postgres
 	$(PY) -m pytest
 
 # The dashboard tests drive Debian's chromium through Playwright (no browser download).
@@ -27,6 +27,14 @@ browser:
 		echo "installing Debian's chromium for the dashboard tests"; \
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# The ledger tests run on a real PostgreSQL server too: Debian's package, started by the tests
+# themselves (tests/postgres.py) in a temporary directory, as the postgres user when run as root.
+postgres:
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+		echo "installing Debian's postgresql for the ledger tests"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 install: $(VENV)/.stamp-serve-$(FLAVOR)
 

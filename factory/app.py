@@ -24,7 +24,6 @@ from factory.engine.server import FactoryLLMServer, LocalModelCallback
 from factory.engine.wire import SchedulerSettings
 from factory.hub import StateHub
 from factory.launcher import ENGINE_DEPLOYMENT
-from factory.metering.ledger import default_ledger_path
 from factory.metering.service import LedgerService
 from factory.models import ResolvedModel
 from factory.power.governor import PowerGovernor
@@ -141,14 +140,15 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
     hub = _singleton(StateHub, max_ongoing_requests=10_000).bind(
         {m.served_name: m.replicas for m in cfg.models}, {m.served_name: m.max_num_seqs for m in cfg.models}
     )
-    # One writer per SQLite file, on the head node (where `factory serve` runs and the file is).
+    # On the head node, where `factory serve` runs: a SQLite file is there, and a PostgreSQL ledger
+    # outlives any worker node that way.
     ledger = _singleton(
         LedgerService,
         max_ongoing_requests=100_000,
         graceful_shutdown_timeout_s=drain_s,
         resources={"node:__internal_head__": 0.001},
     ).bind(
-        cfg.ledger.path or str(default_ledger_path()),
+        cfg.ledger_target,
         reservation_ttl_s=cfg.reservation_ttl_s,
         commit_interval_ms=cfg.ledger.commit_interval_ms,
     )

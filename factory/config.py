@@ -186,7 +186,19 @@ class RoutingConfig(_Strict):
 
 class LedgerConfig(_Strict):
     path: str | None = Field(
-        None, description="SQLite file of tenants, keys, packages and usage; null = $FACTORY_HOME/ledger.db."
+        None,
+        description=(
+            "SQLite file of tenants, keys, packages and usage (one node); null with no url = "
+            "$FACTORY_LEDGER, else $FACTORY_HOME/ledger.db."
+        ),
+    )
+    url: str | None = Field(
+        None,
+        description=(
+            "postgresql://user@host:port/database: a ledger every node can reach (several nodes, an "
+            "operator's own billing database). Keep the password out of it: libpq reads ~/.pgpass "
+            "and $PGPASSWORD. Either path or url."
+        ),
     )
     reservation_ttl_s: float | None = Field(
         None,
@@ -205,6 +217,22 @@ class LedgerConfig(_Strict):
             "is sent only after its settlement is committed."
         ),
     )
+
+    @model_validator(mode="after")
+    def _one_location(self) -> LedgerConfig:
+        if self.path is not None and self.url is not None:
+            raise ValueError("set ledger.path (SQLite) or ledger.url (PostgreSQL), not both")
+        if self.url is not None and "://" not in self.url:
+            raise ValueError("ledger.url must be a postgresql:// URL; a SQLite file goes in ledger.path")
+        if self.url is not None:
+            from factory.metering.schema import LedgerError
+            from factory.metering.store import ledger_url
+
+            try:
+                ledger_url(self.url)
+            except LedgerError as err:
+                raise ValueError(str(err)) from None
+        return self
 
 
 class TelemetryConfig(_Strict):
@@ -586,6 +614,13 @@ class FactoryConfig(_Strict):
     @property
     def reservation_ttl_s(self) -> float:
         return self.ledger.reservation_ttl_s or self.server.request_timeout_s + 60.0
+
+    @property
+    def ledger_target(self) -> str:
+        """Where the ledger is: its URL, its path, or the default location."""
+        from factory.metering.ledger import default_ledger
+
+        return self.ledger.url or self.ledger.path or default_ledger()
 
 
 def _format_errors(err: ValidationError) -> str:

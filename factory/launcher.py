@@ -301,7 +301,13 @@ def _reap(procs: list[psutil.Process], grace_s: float = 10.0) -> None:
 
 def supervise(cfg: FactoryConfig) -> int:
     """Run the launcher in its own session and relay SIGINT/SIGTERM to it as SIGTERM."""
-    child = subprocess.Popen([sys.executable, "-m", "factory.launcher", cfg.model_dump_json()], start_new_session=True)
+    # The config goes by a pipe, not argv: `ps` shows every user a process's arguments, and a
+    # ledger URL may carry a password.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "factory.launcher", "-"], stdin=subprocess.PIPE, start_new_session=True
+    )
+    child.stdin.write(cfg.model_dump_json().encode())
+    child.stdin.close()
 
     def relay(signum, _frame) -> None:
         if child.poll() is None:
@@ -324,6 +330,6 @@ def setup_logging(level: str) -> None:
 
 
 if __name__ == "__main__":
-    _cfg = parse_config(json.loads(sys.argv[1]), origin="factory serve")
+    _cfg = parse_config(json.loads(sys.stdin.read() if sys.argv[1] == "-" else sys.argv[1]), origin="factory serve")
     setup_logging(_cfg.log_level)
     sys.exit(serve_forever(_cfg))

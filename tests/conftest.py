@@ -106,3 +106,19 @@ def admin(base_url, keys):
     """Raw HTTP with the admin key."""
     with httpx.Client(base_url=base_url, headers=bearer(keys.admin), timeout=60) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """One real PostgreSQL server for the session (tests/postgres.py)."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer(tmp_path_factory.mktemp("postgres")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def pg_url(postgres) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres.new_database()

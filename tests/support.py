@@ -65,6 +65,17 @@ def serving(factory: "FactoryProcess", **ready) -> Iterator["FactoryProcess"]:
             factory.kill_everything()
 
 
+def engine_process(factory: FactoryProcess, title: str) -> psutil.Process:
+    """The replica's vLLM process by its title: VLLM::EngineCore or VLLM::Worker."""
+    for p in factory.descendants():
+        try:
+            if p.name().startswith(title[:15]) or title in " ".join(p.cmdline()):
+                return p
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no {title} process under the factory")
+
+
 class FactoryProcess:
     """A `factory serve CONFIG` subprocess with its log in a file."""
 

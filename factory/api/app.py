@@ -105,7 +105,7 @@ class ReplicaContext:
         if self.auth_required:
             answer = await self.ledger.admit.remote(ticket.token, ticket.key, ticket.worst_tokens)
             if not answer["ok"]:
-                raise Refused(APIError(answer["status"], answer["message"], code=answer["code"]))
+                raise Refused(ledger_refusal(answer))
             ticket.tenant, ticket.priority, ticket.reserved = answer["tenant"], answer["priority"], True
         try:
             await self._power_gate(ticket.priority)
@@ -137,8 +137,8 @@ class ReplicaContext:
         if token is None:
             return None
         who = await self.ledger.authenticate.remote(token)
-        if who is None:
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if not who["ok"]:
+            raise ledger_refusal(who)
         return who
 
     async def require_admin(self, request: Request) -> None:
@@ -149,8 +149,15 @@ class ReplicaContext:
     async def ledger_op(self, op: str, **kwargs: Any) -> Any:
         answer = await self.ledger.admin.remote(op, kwargs)
         if not answer["ok"]:
-            raise APIError(answer["status"], answer["message"], code=answer.get("code"))
+            raise ledger_refusal(answer)
         return answer["result"]
+
+
+def ledger_refusal(answer: dict[str, Any]) -> APIError:
+    """The ledger service's error answer as the client sees it (a 503 tells when to retry)."""
+    retry = answer.get("retry_after")
+    headers = None if retry is None else {"Retry-After": str(retry)}
+    return APIError(answer["status"], answer["message"], code=answer.get("code"), headers=headers)
 
 
 def power_refusal(why: str, retry_s: int) -> APIError:

@@ -1,7 +1,9 @@
-"""`factory tenants | keys | packages | usage`: the operator's hands on the ledger.
+"""`factory tenants | keys | packages | usage | ledger`: the operator's hands on the ledger.
 
-Every handler returns an exit code: 0 done, 2 the user asked for something the ledger refuses
-(the message says what), 1 the ledger file itself could not be used.
+Every command takes `--ledger` as a SQLite path or a `postgresql://` URL (default
+$FACTORY_LEDGER, else $FACTORY_HOME/ledger.db). Every handler returns an exit code: 0 done,
+2 the user asked for something the ledger refuses (the message says what), 1 the ledger itself
+could not be used (the message names it, never with its password).
 """
 
 from __future__ import annotations
@@ -11,13 +13,21 @@ import csv
 import dataclasses
 import functools
 import json
-import sqlite3
 import sys
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 
-from factory.metering import keys
-from factory.metering.ledger import PRIORITY_CLASSES, Ledger, LedgerError, UsageRecord, default_ledger_path
+from sqlalchemy.exc import SQLAlchemyError
+
+from factory.metering import keys, store
+from factory.metering.ledger import (
+    PRIORITY_CLASSES,
+    Ledger,
+    LedgerError,
+    LedgerUnavailable,
+    UsageRecord,
+    default_ledger,
+)
 
 
 class UsageError(Exception):
@@ -29,21 +39,31 @@ def _command(func):
 
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
-        path = args.ledger or default_ledger_path()
-        try:
-            ledger = Ledger(path)
-        except (OSError, sqlite3.Error, LedgerError) as err:
-            print(f"factory: cannot open ledger {path}: {err}", file=sys.stderr)
+        ledger = _open(args.ledger or default_ledger())
+        if ledger is None:
             return 1
         try:
             return func(ledger, args) or 0
         except (LedgerError, UsageError) as err:
             print(f"factory: {err}", file=sys.stderr)
             return 2
+        except (LedgerUnavailable, SQLAlchemyError) as err:
+            print(f"factory: ledger {ledger.where}: {store.first_line(err)}", file=sys.stderr)
+            return 1
         finally:
             ledger.close()
 
     return run
+
+
+def _open(target: str) -> Ledger | None:
+    """The ledger at `target`, or None after saying why it cannot be opened."""
+    try:
+        return Ledger(target)
+    except (OSError, SQLAlchemyError, LedgerError, LedgerUnavailable) as err:
+        where = store.describe_text(target) if "://" in target else target
+        print(f"factory: cannot open ledger {where}: {store.first_line(err)}", file=sys.stderr)
+        return None
 
 
 # -- tenants ------------------------------------------------------------------------------
@@ -145,6 +165,27 @@ def _usage(ledger: Ledger, args: argparse.Namespace) -> None:
         _print_table(fields, [[_cell(r[f]) for f in fields] for r in rows])
 
 
+# -- ledger -------------------------------------------------------------------------------
+
+
+@_command
+def _ledger_migrate(source: Ledger, args: argparse.Namespace) -> int | None:
+    from factory.metering import migrate
+
+    target = _open(args.to)
+    if target is None:
+        return 1
+    try:
+        print(f"copying {source.where} -> {target.where}", file=sys.stderr)
+        done = migrate.copy(source, target)
+    finally:
+        target.close()
+    for line in done.lines():
+        print(line)
+    print(f"verified: {target.where} ties out with {source.where}")
+    return None
+
+
 # -- parsing and printing -----------------------------------------------------------------
 
 
@@ -212,11 +253,15 @@ def _print_table(headers, rows) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `tenants`, `keys`, `packages` and `usage` on the `factory` command."""
+    """Register `tenants`, `keys`, `packages`, `ledger` and `usage` on the `factory` command."""
 
     def leaf(group, name: str, func, about: str) -> argparse.ArgumentParser:
         p = group.add_parser(name, help=about)
-        p.add_argument("--ledger", default=None, help="default: $FACTORY_LEDGER, else $FACTORY_HOME/ledger.db")
+        p.add_argument(
+            "--ledger",
+            default=None,
+            help="SQLite path or postgresql://user@host/db (default: $FACTORY_LEDGER, else $FACTORY_HOME/ledger.db)",
+        )
         p.set_defaults(func=func)
         return p
 
@@ -250,6 +295,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--currency", default="CNY", help="ISO 4217 code (default CNY)")
     p = leaf(packages, "list", _packages_list, "a tenant's packages and what is left of them")
     p.add_argument("--tenant", required=True)
+
+    ledger_ = sub.add_parser("ledger", help="the ledger's storage").add_subparsers(dest="ledger_command", required=True)
+    p = leaf(ledger_, "migrate", _ledger_migrate, "copy this ledger into an empty one (e.g. SQLite -> PostgreSQL)")
+    p.add_argument("--to", required=True, help="the target: postgresql://user@host:port/db (or a SQLite path)")
 
     p = leaf(sub, "usage", _usage, "usage records, newest first, or per-tenant totals")
     p.add_argument("--tenant", default=None, help="only this tenant")

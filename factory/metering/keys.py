@@ -63,14 +63,16 @@ def insert(db, tenant_id: int | None, label: str) -> tuple[KeyInfo, str]:
         raise LedgerError("key label must be text of at most 200 characters")
     secret, salt = new_secret(), new_salt()
     key_id = new_key_id()
-    while db.execute("SELECT 1 FROM api_keys WHERE key_id = ?", (key_id,)).fetchone():
+    while db.execute("SELECT 1 FROM api_keys WHERE key_id = :key_id", key_id=key_id).fetchone():
         key_id = new_key_id()  # 48-bit ids: a collision is rare, not impossible
     db.execute(
         "INSERT INTO api_keys (key_id, tenant_id, admin, label, salt_hex, hash_hex, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (key_id, tenant_id, int(tenant_id is None), label, salt.hex(), hash_secret(salt, secret), to_text(utcnow())),
-    )
-    return key_from(db.execute(KEY_SQL + " WHERE k.key_id = ?", (key_id,)).fetchone()), format_token(key_id, secret)
+        " VALUES (:key_id, :tenant_id, :admin, :label, :salt_hex, :hash_hex, :now)",
+        key_id=key_id, tenant_id=tenant_id, admin=int(tenant_id is None), label=label, salt_hex=salt.hex(),
+        hash_hex=hash_secret(salt, secret), now=to_text(utcnow()),
+    )  # fmt: skip
+    info = key_from(db.execute(KEY_SQL + " WHERE k.key_id = :key_id", key_id=key_id).fetchone())
+    return info, format_token(key_id, secret)
 
 
 def verify(db, token: str) -> KeyInfo | None:
@@ -79,7 +81,7 @@ def verify(db, token: str) -> KeyInfo | None:
     if parsed is None:
         return None
     key_id, secret = parsed
-    row = db.execute(KEY_SQL + " WHERE k.key_id = ?", (key_id,)).fetchone()
+    row = db.execute(KEY_SQL + " WHERE k.key_id = :key_id", key_id=key_id).fetchone()
     if row is None or row[5] is not None or not secret_matches(bytes.fromhex(row[6]), secret, row[7]):
         return None
     return key_from(row)
@@ -87,12 +89,13 @@ def verify(db, token: str) -> KeyInfo | None:
 
 def revoke(db, key_id: str) -> bool:
     cur = db.execute(
-        "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (to_text(utcnow()), key_id)
-    )
+        "UPDATE api_keys SET revoked_at = :now WHERE key_id = :key_id AND revoked_at IS NULL",
+        now=to_text(utcnow()), key_id=key_id,
+    )  # fmt: skip
     return cur.rowcount == 1
 
 
 def select(db, tenant_id: int | None) -> list[KeyInfo]:
     """All keys, or only `tenant_id`'s; oldest first."""
-    where, params = ("", ()) if tenant_id is None else (" WHERE k.tenant_id = ?", (tenant_id,))
-    return [key_from(r) for r in db.execute(KEY_SQL + where + " ORDER BY k.created_at, k.key_id", params)]
+    where, params = ("", {}) if tenant_id is None else (" WHERE k.tenant_id = :tenant_id", {"tenant_id": tenant_id})
+    return [key_from(r) for r in db.execute(KEY_SQL + where + " ORDER BY k.created_at, k.key_id", **params)]

@@ -1,30 +1,31 @@
-"""The ledger: tenants, API keys, prepaid token packages, reservations and usage, in SQLite.
+"""The ledger: tenants, API keys, prepaid token packages, reservations and usage, in SQLite
+(the embedded default, one file) or PostgreSQL (a server every node can reach).
 
 A request's life: `reserve` takes its worst case (prompt + max_tokens) out of the tenant's
 packages before the engine runs; `settle` charges what it actually used and hands back the
-rest (or `release` hands back everything if it never ran). Every write is one
-`BEGIN IMMEDIATE` transaction, so writers in any number of processes queue on the database's
-write lock and no interleaving can overspend a package; the packages table's CHECK makes
-SQLite refuse an overspend even if this code had a bug.
+rest (or `release` hands back everything if it never ran). Every write is one transaction that
+first excludes every other writer of the same tenant (store.py: SQLite's write lock, PostgreSQL's
+row lock on the tenant), so no interleaving of any number of processes on any number of nodes
+can overspend a package; the packages table's CHECK makes the database refuse an overspend even
+if this code had a bug.
 
-SQLite-specific code lives in `_connect`, `_transaction` and `_migrate`; the rest, here and in
-`settlement.py` (which spends packages), is plain SQL with `?` placeholders that a PostgreSQL
-backend could reuse.
+The SQL here and in `settlement.py` (which spends packages) and `keys.py` is written once with
+`:named` parameters; what differs between the backends is in `store.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
-import threading
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from factory.metering import keys, settlement
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from factory.metering import keys, settlement, store
 from factory.metering.schema import (
-    DDL,
+    MIGRATIONS,
     PACKAGE_SQL,
     PRIORITY_CLASSES,
     SCHEMA_VERSION,
@@ -33,6 +34,7 @@ from factory.metering.schema import (
     USAGE_SQL,
     KeyInfo,
     LedgerError,
+    LedgerUnavailable,
     Package,
     QuotaExceeded,
     Reservation,
@@ -53,33 +55,39 @@ from factory.metering.schema import (
 )
 
 __all__ = [
-    "PRIORITY_CLASSES", "KeyInfo", "Ledger", "LedgerError", "Package", "QuotaExceeded", "Reservation",
-    "Tenant", "UnknownTenant", "UsageRecord", "default_ledger_path",
+    "PRIORITY_CLASSES", "KeyInfo", "Ledger", "LedgerError", "LedgerUnavailable", "Package", "QuotaExceeded",
+    "Reservation", "Tenant", "UnknownTenant", "UsageRecord", "default_ledger",
 ]  # fmt: skip
 
 
-def default_ledger_path() -> Path:
+def default_ledger() -> str:
+    """$FACTORY_LEDGER (a path or a postgresql:// URL), else $FACTORY_HOME/ledger.db."""
     from factory.models import factory_home
 
     env = os.environ.get("FACTORY_LEDGER")
-    return Path(env).expanduser() if env else factory_home() / "ledger.db"
+    if env:
+        return env if "://" in env else str(Path(env).expanduser())
+    return str(factory_home() / "ledger.db")
 
 
 class Ledger:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # one connection, shared by this process's threads
-        self._conn = self._connect(self.path)
+    def __init__(self, target: str | Path, *, pool_size: int = 5):
+        """`target`: a SQLite file path, `sqlite:///path` or `postgresql://user@host:port/db`."""
+        self.url = store.ledger_url(target)
+        self.where = store.describe(self.url)  # for messages: never the password
+        self._engine = store.open_engine(self.url, pool_size=pool_size)
         try:
             self._migrate()
         except BaseException:
-            self._conn.close()
+            self._engine.dispose()
             raise
 
+    @property
+    def backend(self) -> str:
+        return self.url.get_backend_name()
+
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._engine.dispose()
 
     def __enter__(self) -> Ledger:
         return self
@@ -87,101 +95,89 @@ class Ledger:
     def __exit__(self, *_) -> None:
         self.close()
 
-    # -- the SQLite corner ------------------------------------------------------------------
-
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so Python never opens a
-        # deferred transaction behind our back (under WAL one can fail to upgrade to a write).
-        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 10000")
-        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")  # persistent: only the first opener pays for it
-        conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: a crash may lose the last commits, never corrupts
-        conn.execute("PRAGMA foreign_keys = ON")
-        return conn
-
     @contextlib.contextmanager
-    def _transaction(self, write: bool = True):
-        """Writers take the write lock up front (IMMEDIATE), so no other process can slip a
-        write in between a transaction's reads and its writes."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+    def transaction(self, write: bool = True):
+        """One transaction; a database that cannot be reached becomes LedgerUnavailable."""
+        try:
+            with store.transaction(self._engine, write) as db:
+                yield db
+        except SQLAlchemyError as err:
+            if store.unavailable(err):
+                raise LedgerUnavailable(store.first_line(err)) from err
+            raise
 
     def _migrate(self) -> None:
-        try:
-            with self._transaction(write=False) as db:
-                version = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
-        except sqlite3.OperationalError:  # no such table: a new ledger
-            version = None
+        with self.transaction(write=False) as db:
+            version = self._version(db)
         if version == SCHEMA_VERSION:
             return  # the common case takes no write lock, so many processes can open at once
         if version is not None and version > SCHEMA_VERSION:
-            raise LedgerError(f"{self.path} has ledger schema v{version}; this factory knows v{SCHEMA_VERSION}")
-        with self._transaction() as db:
-            for statement in DDL:
-                db.execute(statement)
-            if db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] is None:
-                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            raise LedgerError(f"{self.where} has ledger schema v{version}; this factory knows v{SCHEMA_VERSION}")
+        with self.transaction() as db:
+            store.lock_for_migration(db)
+            version = self._version(db) or 0  # again, under the lock: another opener may have done it
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[step](db.conn)
+                db.execute("INSERT INTO schema_version (version) VALUES (:v)", v=step)
+
+    @staticmethod
+    def _version(db: store.Db) -> int | None:
+        if not db.conn.dialect.has_table(db.conn, "schema_version"):
+            return None
+        return db.execute("SELECT MAX(version) FROM schema_version").scalar()
 
     # -- tenants and keys -------------------------------------------------------------------
 
     def create_tenant(self, name: str, priority: str = "standard") -> Tenant:
         check_name(name)
         check_priority(priority)
-        with self._transaction() as db:
-            if db.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
-                raise LedgerError(f"tenant {name!r} already exists")
-            return settlement.insert_tenant(db, name, priority)
+        with self.transaction() as db:
+            tenant = settlement.insert_tenant(db, name, priority)
+        if tenant is None:  # the name's UNIQUE constraint: refused by the database, not raced past it
+            raise LedgerError(f"tenant {name!r} already exists")
+        return tenant
 
     def get_tenant(self, name: str) -> Tenant | None:
-        with self._transaction(write=False) as db:
-            row = db.execute(TENANT_SQL + " WHERE name = ?", (name,)).fetchone()
+        with self.transaction(write=False) as db:
+            row = db.execute(TENANT_SQL + " WHERE name = :name", name=name).fetchone()
         return None if row is None else tenant_from(row)
 
     def ensure_tenant(self, name: str, priority: str = "standard") -> Tenant:
         check_priority(priority)
         if tenant := self.get_tenant(name):  # read first: no write lock on every anonymous request
             return tenant
-        with self._transaction() as db:
-            row = db.execute(TENANT_SQL + " WHERE name = ?", (name,)).fetchone()
-            return tenant_from(row) if row else settlement.insert_tenant(db, name, priority)
+        with self.transaction() as db:
+            settlement.insert_tenant(db, name, priority)
+            return tenant_from(db.execute(TENANT_SQL + " WHERE name = :name", name=name).fetchone())
 
     def list_tenants(self) -> list[Tenant]:
-        with self._transaction(write=False) as db:
+        with self.transaction(write=False) as db:
             return [tenant_from(r) for r in db.execute(TENANT_SQL + " ORDER BY name")]
 
     def set_priority(self, name: str, priority: str) -> Tenant:
         check_priority(priority)
-        with self._transaction() as db:
+        with self.transaction() as db:
             settlement.tenant_id(db, name)
-            db.execute("UPDATE tenants SET priority = ? WHERE name = ?", (priority, name))
-            return tenant_from(db.execute(TENANT_SQL + " WHERE name = ?", (name,)).fetchone())
+            db.execute("UPDATE tenants SET priority = :priority WHERE name = :name", priority=priority, name=name)
+            return tenant_from(db.execute(TENANT_SQL + " WHERE name = :name", name=name).fetchone())
 
     def create_key(self, tenant: str | None, *, admin: bool = False, label: str = "") -> tuple[KeyInfo, str]:
         """(info, token). The token is returned here once and stored nowhere, only its hash."""
         if admin != (tenant is None):
             raise LedgerError("admin keys belong to no tenant" if admin else "a key needs a tenant (or admin=True)")
-        with self._transaction() as db:
+        with self.transaction() as db:
             return keys.insert(db, None if admin else settlement.tenant_id(db, tenant), label)
 
     def verify_key(self, token: str) -> KeyInfo | None:
-        with self._transaction(write=False) as db:
+        with self.transaction(write=False) as db:
             return keys.verify(db, token)
 
     def revoke_key(self, key_id: str) -> bool:
-        with self._transaction() as db:
+        with self.transaction() as db:
             return keys.revoke(db, key_id)
 
     def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
-        with self._transaction(write=False) as db:
+        with self.transaction(write=False) as db:
             return keys.select(db, None if tenant is None else settlement.tenant_id(db, tenant))
 
     # -- packages ---------------------------------------------------------------------------
@@ -201,30 +197,33 @@ class Ledger:
         now = when_text(utcnow())
         if expires_at is not None and when_text(expires_at) <= now:
             raise LedgerError(f"expiry {expires_at.isoformat()} is already past")
-        with self._transaction() as db:
-            (package_id,) = db.execute(
+        with self.transaction() as db:
+            package_id = db.execute(
                 "INSERT INTO packages (tenant_id, tokens_total, tokens_used, tokens_reserved, price, currency,"
-                " expires_at, created_at) VALUES (?, ?, 0, 0, ?, ?, ?, ?) RETURNING id",
-                (settlement.tenant_id(db, tenant), tokens, price_text, currency, when_text(expires_at), now),
-            ).fetchone()
-            return package_from(db.execute(PACKAGE_SQL + " WHERE p.id = ?", (package_id,)).fetchone())
+                " expires_at, created_at) VALUES (:tenant_id, :tokens, 0, 0, :price, :currency, :expires_at, :now)"
+                " RETURNING id",
+                tenant_id=settlement.tenant_id(db, tenant), tokens=tokens, price=price_text, currency=currency,
+                expires_at=when_text(expires_at), now=now,
+            ).scalar_one()  # fmt: skip
+            return package_from(db.execute(PACKAGE_SQL + " WHERE p.id = :id", id=package_id).fetchone())
 
     def list_packages(self, tenant: str) -> list[Package]:
         """All of the tenant's packages, expired ones included, in spending order."""
-        with self._transaction(write=False) as db:
-            rows = db.execute(
-                PACKAGE_SQL + " WHERE p.tenant_id = ? " + SPEND_ORDER, (settlement.tenant_id(db, tenant),)
-            )
+        with self.transaction(write=False) as db:
+            tenant_id = settlement.tenant_id(db, tenant)
+            rows = db.execute(PACKAGE_SQL + " WHERE p.tenant_id = :tenant_id " + SPEND_ORDER, tenant_id=tenant_id)
             return [package_from(r) for r in rows]
 
     def balance(self, tenant: str, now: datetime | None = None) -> dict:
         """Token totals over the tenant's packages that have not expired at `now`."""
-        with self._transaction(write=False) as db:
-            total, used, reserved = db.execute(
+        with self.transaction(write=False) as db:
+            row = db.execute(
                 "SELECT COALESCE(SUM(tokens_total), 0), COALESCE(SUM(tokens_used), 0),"
-                " COALESCE(SUM(tokens_reserved), 0) FROM packages p WHERE p.tenant_id = ? AND " + settlement.LIVE,
-                (settlement.tenant_id(db, tenant), when_text(now or utcnow())),
-            ).fetchone()
+                " COALESCE(SUM(tokens_reserved), 0) FROM packages p WHERE p.tenant_id = :tenant_id AND "
+                + settlement.LIVE,
+                tenant_id=settlement.tenant_id(db, tenant), now=when_text(now or utcnow()),
+            ).fetchone()  # fmt: skip
+        total, used, reserved = (int(n) for n in row)  # PostgreSQL sums 64-bit columns as NUMERIC
         return {"total": total, "used": used, "reserved": reserved, "available": total - used - reserved}
 
     # -- reservation and settlement ---------------------------------------------------------
@@ -240,49 +239,66 @@ class Ledger:
             raise LedgerError("ttl_s must be > 0: a reservation that expires at once holds nothing")
         now = now or utcnow()
         expires_at = now + timedelta(seconds=ttl_s)
-        with self._transaction() as db:
-            tenant_id = settlement.tenant_id(db, tenant)
-            for table in ("reservations", "usage"):
-                if db.execute(f"SELECT 1 FROM {table} WHERE request_id = ?", (request_id,)).fetchone():
-                    raise LedgerError(f"request {request_id!r} is already reserved or settled")
-            spendable = settlement.spendable(db, tenant_id, now)
-            available = sum(n for _, n in spendable)
-            if available < tokens:
-                raise QuotaExceeded(available=available, requested=tokens, tenant=tenant)
-            db.execute(
-                "INSERT INTO reservations (request_id, tenant_id, tokens, expires_at, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (request_id, tenant_id, tokens, when_text(expires_at), when_text(now)),
-            )
-            for seq, (package_id, part) in enumerate(settlement.split(spendable, tokens)):
-                db.execute("UPDATE packages SET tokens_reserved = tokens_reserved + ? WHERE id = ?", (part, package_id))
+        taken = LedgerError(f"request {request_id!r} is already reserved or settled")
+        try:
+            with self.transaction() as db:
+                tenant_id = db.lock_tenants([tenant]).get(tenant)
+                if tenant_id is None:
+                    raise UnknownTenant(tenant)
+                for table in ("reservations", "usage"):
+                    if db.execute(f"SELECT 1 FROM {table} WHERE request_id = :r", r=request_id).fetchone():
+                        raise taken
+                spendable = settlement.spendable(db, tenant_id, now)
+                available = sum(n for _, n in spendable)
+                if available < tokens:
+                    raise QuotaExceeded(available=available, requested=tokens, tenant=tenant)
                 db.execute(
-                    "INSERT INTO reservation_parts (request_id, seq, package_id, tokens) VALUES (?, ?, ?, ?)",
-                    (request_id, seq, package_id, part),
-                )
+                    "INSERT INTO reservations (request_id, tenant_id, tokens, expires_at, created_at)"
+                    " VALUES (:r, :tenant_id, :tokens, :expires_at, :now)",
+                    r=request_id, tenant_id=tenant_id, tokens=tokens, expires_at=when_text(expires_at),
+                    now=when_text(now),
+                )  # fmt: skip
+                for seq, (package_id, part) in enumerate(settlement.split(spendable, tokens)):
+                    db.execute(
+                        "UPDATE packages SET tokens_reserved = tokens_reserved + :part WHERE id = :id",
+                        part=part, id=package_id,
+                    )  # fmt: skip
+                    db.execute(
+                        "INSERT INTO reservation_parts (request_id, seq, package_id, tokens)"
+                        " VALUES (:r, :seq, :package_id, :part)",
+                        r=request_id, seq=seq, package_id=package_id, part=part,
+                    )  # fmt: skip
+        except IntegrityError as err:
+            if store.duplicate_key(err):  # the same id reserved at once for another tenant
+                raise taken from None
+            raise
         return Reservation(request_id, tenant, tokens, expires_at)
 
     def settle(self, request_id: str, **fields) -> UsageRecord:
         """Record what `request_id` used and charge it; the fields are `settlement.settle`'s."""
-        with self._transaction() as db:
+        with self.transaction() as db:
+            db.lock_tenants([fields.get("tenant")] if isinstance(fields.get("tenant"), str) else [])
             return settlement.settle(db, request_id, **fields)
 
     def settle_many(self, settlements: list[dict]) -> list[UsageRecord]:
         """Settle a batch in one transaction (one commit for all): all or nothing."""
-        with self._transaction() as db:
+        with self.transaction() as db:
+            db.lock_tenants(s["tenant"] for s in settlements if isinstance(s.get("tenant"), str))
             return [settlement.settle(db, **fields) for fields in settlements]
 
     def release(self, request_id: str) -> bool:
         """Hand back a reservation that will never be settled; False if there is none."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             return settlement.release(db, request_id)
 
     def release_expired(self, now: datetime | None = None) -> int:
-        with self._transaction() as db:
+        with self.transaction() as db:
             expired = db.execute(
-                "SELECT request_id FROM reservations WHERE expires_at <= ?", (when_text(now or utcnow()),)
+                "SELECT request_id, tenant_id FROM reservations WHERE expires_at <= :now",
+                now=when_text(now or utcnow()),
             ).fetchall()
-            return sum(settlement.release(db, request_id) for (request_id,) in expired)
+            db.lock_tenant_ids(tenant_id for _, tenant_id in expired)
+            return sum(settlement.release(db, request_id) for request_id, _ in expired)
 
     # -- usage ------------------------------------------------------------------------------
 
@@ -294,22 +310,22 @@ class Ledger:
         limit: int | None = None,
     ) -> list[UsageRecord]:
         """Records that finished in [since, until), newest first."""
-        with self._transaction(write=False) as db:
+        with self.transaction(write=False) as db:
             where, params = _usage_filter(db, tenant, since, until)
             sql = USAGE_SQL + where + " ORDER BY u.finished_at DESC, u.request_id DESC"
             if limit is not None:
                 check_count(limit, "limit")
-                sql, params = sql + " LIMIT ?", [*params, limit]
-            return [usage_from(r) for r in db.execute(sql, params)]
+                sql, params = sql + " LIMIT :limit", params | {"limit": limit}
+            return [usage_from(r) for r in db.execute(sql, **params)]
 
     def usage_summary(self, tenant: str | None = None, since: datetime | None = None) -> list[dict]:
         """Per tenant (and currency, if a tenant was billed in several): totals since `since`."""
-        with self._transaction(write=False) as db:
+        with self.transaction(write=False) as db:
             where, params = _usage_filter(db, tenant, since, None)
             rows = db.execute(
                 "SELECT t.name, u.prompt_tokens, u.completion_tokens, u.energy_j, u.cost, u.currency"
                 " FROM usage u JOIN tenants t ON t.id = u.tenant_id" + where,
-                params,
+                **params,
             ).fetchall()
         # Summed here, not by SQL SUM(cost): that would turn the TEXT money into floats.
         totals: dict[tuple[str, str], dict] = {}
@@ -327,13 +343,13 @@ class Ledger:
 # -- inside a transaction -----------------------------------------------------------------
 
 
-def _usage_filter(db, tenant: str | None, since: datetime | None, until: datetime | None) -> tuple[str, list]:
-    clauses, params = [], []
-    for clause, value in (("u.finished_at >= ?", since), ("u.finished_at < ?", until)):
+def _usage_filter(db, tenant: str | None, since: datetime | None, until: datetime | None) -> tuple[str, dict]:
+    clauses, params = [], {}
+    for name, op, value in (("since", ">=", since), ("until", "<", until)):
         if value is not None:
-            clauses.append(clause)
-            params.append(when_text(value))
+            clauses.append(f"u.finished_at {op} :{name}")
+            params[name] = when_text(value)
     if tenant is not None:
-        clauses.append("u.tenant_id = ?")
-        params.append(settlement.tenant_id(db, tenant))
+        clauses.append("u.tenant_id = :tenant_id")
+        params["tenant_id"] = settlement.tenant_id(db, tenant)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params

@@ -1,12 +1,11 @@
 """The ledger's tables, the records read back from them, and what a valid value is.
 
-Storage conventions, chosen so a PostgreSQL backend can reuse the SQL unchanged:
+One schema for SQLite and PostgreSQL, declared with SQLAlchemy Core (which writes each dialect's
+DDL), changed only by numbered migrations. Storage conventions, the same on both:
 - times are UTC ISO-8601 text with fixed microsecond precision, so text order is time order
   and `<` / `>=` compare them correctly in SQL;
-- money is TEXT holding a Decimal's exact string (a REAL column would round it);
-- energy is REAL joules (a measurement, not money).
-The DDL below is the only SQLite dialect in it: `INTEGER PRIMARY KEY` would be
-`GENERATED ALWAYS AS IDENTITY` on PostgreSQL.
+- money is TEXT holding a Decimal's exact string (a floating column would round it);
+- energy is double-precision joules (a measurement, not money); token counts are 64-bit.
 """
 
 from __future__ import annotations
@@ -17,75 +16,121 @@ import re
 from datetime import datetime, timezone
 from decimal import Decimal
 
+import sqlalchemy as sa
+
 SCHEMA_VERSION = 1
 PRIORITY_CLASSES = ("high", "standard", "low")  # highest first
 STATUSES = ("completed", "aborted", "failed")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
-DDL = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS tenants (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        priority TEXT NOT NULL CHECK (priority IN ('high', 'standard', 'low')),
-        created_at TEXT NOT NULL)""",
+
+def v1_tables(metadata: sa.MetaData) -> None:
+    """The ledger's tables at schema v1, as migration 1 creates them on either backend. Frozen: a
+    later version adds a migration that alters them, never an edit here."""
+    token = sa.BigInteger  # a carrier's package can hold billions of tokens
+    sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
+    sa.Table(
+        "tenants",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.Text, nullable=False, unique=True),
+        sa.Column("priority", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Text, nullable=False),
+        sa.CheckConstraint("priority IN ('high', 'standard', 'low')", name="tenants_priority"),
+    )
     # Admin keys belong to no tenant; every other key belongs to exactly one.
-    """CREATE TABLE IF NOT EXISTS api_keys (
-        key_id TEXT PRIMARY KEY,
-        tenant_id INTEGER REFERENCES tenants (id),
-        admin INTEGER NOT NULL CHECK (admin IN (0, 1)),
-        label TEXT NOT NULL,
-        salt_hex TEXT NOT NULL,
-        hash_hex TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        revoked_at TEXT,
-        CHECK ((admin = 1 AND tenant_id IS NULL) OR (admin = 0 AND tenant_id IS NOT NULL)))""",
-    # The CHECK is the no-overspend invariant; the code keeps it, the database refuses to break it.
-    """CREATE TABLE IF NOT EXISTS packages (
-        id INTEGER PRIMARY KEY,
-        tenant_id INTEGER NOT NULL REFERENCES tenants (id),
-        tokens_total INTEGER NOT NULL CHECK (tokens_total > 0),
-        tokens_used INTEGER NOT NULL CHECK (tokens_used >= 0),
-        tokens_reserved INTEGER NOT NULL CHECK (tokens_reserved >= 0),
-        price TEXT,
-        currency TEXT NOT NULL,
-        expires_at TEXT,
-        created_at TEXT NOT NULL,
-        CHECK (tokens_used + tokens_reserved <= tokens_total))""",
-    """CREATE TABLE IF NOT EXISTS reservations (
-        request_id TEXT PRIMARY KEY,
-        tenant_id INTEGER NOT NULL REFERENCES tenants (id),
-        tokens INTEGER NOT NULL CHECK (tokens >= 0),
-        expires_at TEXT NOT NULL,
-        created_at TEXT NOT NULL)""",
+    sa.Table(
+        "api_keys",
+        metadata,
+        sa.Column("key_id", sa.Text, primary_key=True),
+        sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id")),
+        sa.Column("admin", sa.Integer, nullable=False),
+        sa.Column("label", sa.Text, nullable=False),
+        sa.Column("salt_hex", sa.Text, nullable=False),
+        sa.Column("hash_hex", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Text, nullable=False),
+        sa.Column("revoked_at", sa.Text),
+        sa.CheckConstraint("admin IN (0, 1)", name="api_keys_admin"),
+        sa.CheckConstraint(
+            "(admin = 1 AND tenant_id IS NULL) OR (admin = 0 AND tenant_id IS NOT NULL)", name="api_keys_owner"
+        ),
+    )
+    # The last CHECK is the no-overspend invariant: the code keeps it, the database refuses to break it.
+    sa.Table(
+        "packages",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id"), nullable=False),
+        sa.Column("tokens_total", token, nullable=False),
+        sa.Column("tokens_used", token, nullable=False),
+        sa.Column("tokens_reserved", token, nullable=False),
+        sa.Column("price", sa.Text),
+        sa.Column("currency", sa.Text, nullable=False),
+        sa.Column("expires_at", sa.Text),
+        sa.Column("created_at", sa.Text, nullable=False),
+        sa.CheckConstraint("tokens_total > 0", name="packages_total"),
+        sa.CheckConstraint("tokens_used >= 0", name="packages_used"),
+        sa.CheckConstraint("tokens_reserved >= 0", name="packages_reserved"),
+        sa.CheckConstraint("tokens_used + tokens_reserved <= tokens_total", name="packages_no_overspend"),
+        sa.Index("packages_by_tenant", "tenant_id"),
+    )
+    sa.Table(
+        "reservations",
+        metadata,
+        sa.Column("request_id", sa.Text, primary_key=True),
+        sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id"), nullable=False),
+        sa.Column("tokens", token, nullable=False),
+        sa.Column("expires_at", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Text, nullable=False),
+        sa.CheckConstraint("tokens >= 0", name="reservations_tokens"),
+        sa.Index("reservations_by_expiry", "expires_at"),
+    )
     # One row per package a reservation took from; seq keeps the order they were taken in.
-    """CREATE TABLE IF NOT EXISTS reservation_parts (
-        request_id TEXT NOT NULL REFERENCES reservations (request_id) ON DELETE CASCADE,
-        seq INTEGER NOT NULL,
-        package_id INTEGER NOT NULL REFERENCES packages (id),
-        tokens INTEGER NOT NULL CHECK (tokens > 0),
-        PRIMARY KEY (request_id, seq))""",
-    """CREATE TABLE IF NOT EXISTS usage (
-        request_id TEXT PRIMARY KEY,
-        tenant_id INTEGER NOT NULL REFERENCES tenants (id),
-        model TEXT NOT NULL,
-        replica TEXT NOT NULL,
-        prompt_tokens INTEGER NOT NULL CHECK (prompt_tokens >= 0),
-        completion_tokens INTEGER NOT NULL CHECK (completion_tokens >= 0),
-        overage_tokens INTEGER NOT NULL CHECK (overage_tokens >= 0),
-        energy_j REAL NOT NULL,
-        energy_source TEXT NOT NULL,
-        cost TEXT NOT NULL,
-        currency TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('completed', 'aborted', 'failed')),
-        started_at TEXT,
-        finished_at TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS packages_by_tenant ON packages (tenant_id)",
-    "CREATE INDEX IF NOT EXISTS reservations_by_expiry ON reservations (expires_at)",
-    "CREATE INDEX IF NOT EXISTS usage_by_tenant_time ON usage (tenant_id, finished_at)",
-    "CREATE INDEX IF NOT EXISTS usage_by_time ON usage (finished_at)",
-)
+    sa.Table(
+        "reservation_parts",
+        metadata,
+        sa.Column("request_id", sa.Text, sa.ForeignKey("reservations.request_id", ondelete="CASCADE"),
+                  primary_key=True),
+        sa.Column("seq", sa.Integer, primary_key=True),
+        sa.Column("package_id", sa.Integer, sa.ForeignKey("packages.id"), nullable=False),
+        sa.Column("tokens", token, nullable=False),
+        sa.CheckConstraint("tokens > 0", name="reservation_parts_tokens"),
+    )  # fmt: skip
+    sa.Table(
+        "usage",
+        metadata,
+        sa.Column("request_id", sa.Text, primary_key=True),
+        sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id"), nullable=False),
+        sa.Column("model", sa.Text, nullable=False),
+        sa.Column("replica", sa.Text, nullable=False),
+        sa.Column("prompt_tokens", token, nullable=False),
+        sa.Column("completion_tokens", token, nullable=False),
+        sa.Column("overage_tokens", token, nullable=False),
+        sa.Column("energy_j", sa.Double, nullable=False),
+        sa.Column("energy_source", sa.Text, nullable=False),
+        sa.Column("cost", sa.Text, nullable=False),
+        sa.Column("currency", sa.Text, nullable=False),
+        sa.Column("status", sa.Text, nullable=False),
+        sa.Column("started_at", sa.Text),
+        sa.Column("finished_at", sa.Text, nullable=False),
+        sa.CheckConstraint("prompt_tokens >= 0", name="usage_prompt"),
+        sa.CheckConstraint("completion_tokens >= 0", name="usage_completion"),
+        sa.CheckConstraint("overage_tokens >= 0", name="usage_overage"),
+        sa.CheckConstraint("status IN ('completed', 'aborted', 'failed')", name="usage_status"),
+        sa.Index("usage_by_tenant_time", "tenant_id", "finished_at"),
+        sa.Index("usage_by_time", "finished_at"),
+    )
+
+
+# Version -> the step that takes a ledger from the version before to it, run in one transaction.
+MIGRATIONS = {1: lambda conn: _create(conn, v1_tables)}
+
+
+def _create(conn, tables) -> None:
+    metadata = sa.MetaData()
+    tables(metadata)
+    metadata.create_all(conn, checkfirst=True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -203,6 +248,12 @@ def usage_from(row) -> UsageRecord:
 
 class LedgerError(Exception):
     """A request the ledger refuses; the message is fit to show the user."""
+
+
+class LedgerUnavailable(Exception):
+    """The ledger's database cannot be reached now (a server restarting, a network cut): the
+    request is worth retrying later, and nothing was written. Not a LedgerError: not the caller's
+    mistake."""
 
 
 class UnknownTenant(LedgerError):

@@ -1,10 +1,15 @@
-"""The ledger as a Ray Serve deployment: the one writer of the SQLite ledger while serving.
+"""The ledger as a Ray Serve deployment: the factory's one door to the ledger while serving
+(a SQLite file on the head node, or a PostgreSQL server).
 
 Called once per request to admit it (verify the key, reserve its worst case) and once to settle
 it (charge what it used, release the rest); never once per token. Settlements arriving within
 `commit_interval_ms` share one transaction (group commit), and each caller returns only once its
 row is committed, so a response a client has seen is always in the ledger. Expired reservations
 (their request died with a replica or a killed server) are released at start and every minute.
+
+While the database cannot be reached (a PostgreSQL restart, a network cut), admissions and the
+operator's routes answer 503 with Retry-After, and settlements wait and retry until it is back:
+nothing a client was served is dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -21,11 +27,13 @@ from prometheus_client.metrics_core import Metric
 
 from factory.config import CostConfig
 from factory.metering.cost import CostModel, TouPeriod
-from factory.metering.ledger import Ledger, LedgerError, QuotaExceeded, UnknownTenant
+from factory.metering.ledger import Ledger, LedgerError, LedgerUnavailable, QuotaExceeded, UnknownTenant
 
 log = logging.getLogger("factory.ledger")
 
 RELEASE_EXPIRED_EVERY_S = 60.0
+UNAVAILABLE_RETRY_AFTER_S = 2  # what a client is told while the database is away
+SETTLE_RETRY_S = (0.1, 2.0)  # settlements retry after 0.1 s, doubling to 2 s, until the database is back
 
 
 def cost_model(cfg: CostConfig) -> CostModel:
@@ -79,15 +87,15 @@ _ADMIN_OPS = {
 
 
 class LedgerService:
-    def __init__(self, path: str, *, reservation_ttl_s: float, commit_interval_ms: float):
-        self._ledger = Ledger(path)
+    def __init__(self, target: str, *, reservation_ttl_s: float, commit_interval_ms: float):
+        self._ledger = Ledger(target)
         self._ttl_s = reservation_ttl_s
         self._commit_s = commit_interval_ms / 1000.0
         self._batch: list[tuple[dict[str, Any], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self._cost_total: dict[tuple[str, str], Decimal] = {}
         released = self._ledger.release_expired()
-        log.info("ledger %s open; %d expired reservation(s) released", path, released)
+        log.info("ledger %s open; %d expired reservation(s) released", self._ledger.where, released)
         self._janitor = asyncio.get_event_loop().create_task(self._release_expired_forever())
 
     async def _release_expired_forever(self) -> None:
@@ -100,24 +108,30 @@ class LedgerService:
             except Exception:
                 log.exception("releasing expired reservations failed")
 
-    async def authenticate(self, token: str) -> dict[str, Any] | None:
-        """The key's owner (tenant name or admin), or None for an unknown/revoked/malformed key."""
-        info = await asyncio.to_thread(self._ledger.verify_key, token)
-        if info is None:
-            return None
-        tenant = None
-        if info.tenant is not None:
-            t = await asyncio.to_thread(self._ledger.get_tenant, info.tenant)
-            tenant = {"name": t.name, "priority": t.priority} if t else None
-        return {"key_id": info.key_id, "admin": info.admin, "tenant": tenant}
+    async def authenticate(self, token: str) -> dict[str, Any]:
+        """{"ok": True, "key_id", "admin", "tenant"} for a live key: the owner (tenant name and
+        priority, or None for an admin key); else an error answer (401, or 503 while the database
+        is away) with "status", "code", "message" and perhaps "retry_after"."""
+        try:
+            info = await asyncio.to_thread(self._ledger.verify_key, token)
+            if info is None:
+                return {"ok": False, "status": 401, "code": "invalid_api_key", "message": "Incorrect API key provided."}
+            tenant = None
+            if info.tenant is not None:
+                t = await asyncio.to_thread(self._ledger.get_tenant, info.tenant)
+                tenant = {"name": t.name, "priority": t.priority} if t else None
+        except LedgerUnavailable as err:
+            return _unavailable(err)
+        return {"ok": True, "key_id": info.key_id, "admin": info.admin, "tenant": tenant}
 
     async def admit(self, token: str, request_id: str, tokens: int) -> dict[str, Any]:
         """Verify a tenant key and reserve `tokens` for the request, in one call.
 
-        Returns {"ok": True, "tenant", "priority"} or {"ok": False, "status", "message", "code"}."""
+        Returns {"ok": True, "tenant", "priority"} or {"ok": False, "status", "message", "code"}
+        (and "retry_after" with a 503)."""
         who = await self.authenticate(token)
-        if who is None:
-            return {"ok": False, "status": 401, "code": "invalid_api_key", "message": "Incorrect API key provided."}
+        if not who["ok"]:
+            return who
         if who["tenant"] is None:
             return {
                 "ok": False,
@@ -128,6 +142,8 @@ class LedgerService:
         tenant = who["tenant"]["name"]
         try:
             await asyncio.to_thread(self._ledger.reserve, request_id, tenant, tokens, ttl_s=self._ttl_s)
+        except LedgerUnavailable as err:
+            return _unavailable(err)
         except QuotaExceeded as err:
             return {
                 "ok": False,
@@ -150,11 +166,22 @@ class LedgerService:
 
     async def _flush_after_window(self) -> None:
         await asyncio.sleep(self._commit_s)
+        retry_s, down_since = SETTLE_RETRY_S[0], None
         while self._batch:
             batch, self._batch = self._batch, []
             try:
                 records = await asyncio.to_thread(self._ledger.settle_many, [s for s, _ in batch])
                 outcomes = list(zip(batch, records, strict=True))
+            except LedgerUnavailable as err:
+                # Held, not dropped: the batch (and whatever arrives meanwhile) goes again once the
+                # database is back. A commit whose answer was lost is safe to retry: settle is idempotent.
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("ledger unavailable (%s): holding %d settlement(s) until it is back", err, len(batch))
+                self._batch = batch + self._batch
+                await asyncio.sleep(retry_s)
+                retry_s = min(2 * retry_s, SETTLE_RETRY_S[1])
+                continue
             except Exception:
                 # One bad settlement must not fail its neighbours: settle them one by one.
                 log.exception("group commit of %d settlement(s) failed; settling one by one", len(batch))
@@ -168,6 +195,9 @@ class LedgerService:
                 self._cost_total[key] = self._cost_total.get(key, Decimal(0)) + rec.cost
                 if not fut.done():
                     fut.set_result(jsonable(rec))
+            if down_since is not None:
+                log.warning("ledger back after %.1f s; held settlements committed", time.monotonic() - down_since)
+                retry_s, down_since = SETTLE_RETRY_S[0], None
 
     async def _settle_one(self, settlement: dict[str, Any]) -> Any:
         try:
@@ -177,7 +207,11 @@ class LedgerService:
             return LedgerError(f"settlement failed: {err}")
 
     async def release(self, request_id: str) -> bool:
-        return await asyncio.to_thread(self._ledger.release, request_id)
+        try:
+            return await asyncio.to_thread(self._ledger.release, request_id)
+        except LedgerUnavailable as err:
+            log.warning("could not release %s now (%s); it is released when its reservation expires", request_id, err)
+            return False
 
     async def admin(self, op: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Run one ledger operation for the admin API: {"ok": True, "result"} or an error."""
@@ -185,6 +219,8 @@ class LedgerService:
             return {"ok": False, "status": 404, "message": f"unknown ledger operation {op!r}"}
         try:
             result = await asyncio.to_thread(getattr(self._ledger, op), **kwargs)
+        except LedgerUnavailable as err:
+            return _unavailable(err)
         except UnknownTenant as err:
             return {"ok": False, "status": 404, "message": str(err), "code": "tenant_not_found"}
         except (LedgerError, ValueError) as err:
@@ -201,3 +237,20 @@ class LedgerService:
         for (tenant, currency), amount in sorted(self._cost_total.items()):
             cost.add_metric([tenant, currency], float(amount))
         return [cost]
+
+
+_last_warned = [0.0]
+
+
+def _unavailable(err: LedgerUnavailable) -> dict[str, Any]:
+    now = time.monotonic()
+    if now - _last_warned[0] > 10.0:  # one line per outage, not one per refused request
+        _last_warned[0] = now
+        log.warning("ledger unavailable, answering 503 meanwhile: %s", err)
+    return {
+        "ok": False,
+        "status": 503,
+        "code": "ledger_unavailable",
+        "message": f"The factory's ledger is briefly unavailable. Retry after {UNAVAILABLE_RETRY_AFTER_S} s.",
+        "retry_after": UNAVAILABLE_RETRY_AFTER_S,
+    }

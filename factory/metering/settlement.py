@@ -1,6 +1,6 @@
 """Spending a tenant's packages: taking tokens for a reservation, charging a settlement,
-handing back a release. Functions over an open transaction (`db`), called by the Ledger inside
-its `BEGIN IMMEDIATE`; plain SQL with `?` placeholders.
+handing back a release. Functions over an open transaction (`db`), called by the Ledger inside a
+transaction that holds the tenant's write lock (store.py); plain SQL with `:named` parameters.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from factory.metering.schema import (
     when_text,
 )
 
-LIVE = "(p.expires_at IS NULL OR p.expires_at > ?)"  # the package has not expired at the bound time
+LIVE = "(p.expires_at IS NULL OR p.expires_at > :now)"  # the package has not expired at the bound time
 
 
 def settle(
@@ -47,7 +47,7 @@ def settle(
     started_at: datetime | None = None,
     finished_at: datetime | None = None,
 ) -> UsageRecord:
-    if existing := db.execute(USAGE_SQL + " WHERE u.request_id = ?", (request_id,)).fetchone():
+    if existing := db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone():
         return usage_from(existing)  # a retried settlement must not charge twice
     check_count(prompt_tokens, "prompt_tokens")
     check_count(completion_tokens, "completion_tokens")
@@ -59,66 +59,79 @@ def settle(
     finished_at = finished_at or utcnow()
     overage_tok = 0
     held = db.execute(
-        "SELECT r.tenant_id, t.name FROM reservations r JOIN tenants t ON t.id = r.tenant_id WHERE r.request_id = ?",
-        (request_id,),
+        "SELECT r.tenant_id, t.name FROM reservations r JOIN tenants t ON t.id = r.tenant_id WHERE r.request_id = :r",
+        r=request_id,
     ).fetchone()
     if held is None:  # never reserved (auth disabled): nothing to charge, only to record
-        known = db.execute("SELECT id FROM tenants WHERE name = ?", (tenant,)).fetchone()
-        tenant_id = known[0] if known else insert_tenant(db, tenant, "standard").id
+        insert_tenant(db, tenant, "standard")
+        owner_id = tenant_id(db, tenant)
     else:
-        tenant_id, holder = held
+        owner_id, holder = held
         if holder != tenant:
             raise LedgerError(f"request {request_id!r} was reserved for {holder!r}, not {tenant!r}")
         left = prompt_tokens + completion_tokens
         parts = db.execute(
-            "SELECT package_id, tokens FROM reservation_parts WHERE request_id = ? ORDER BY seq", (request_id,)
+            "SELECT package_id, tokens FROM reservation_parts WHERE request_id = :r ORDER BY seq", r=request_id
         ).fetchall()
         for package_id, part in parts:
             charge = min(left, part)
             db.execute(
-                "UPDATE packages SET tokens_reserved = tokens_reserved - ?, tokens_used = tokens_used + ? WHERE id = ?",
-                (part, charge, package_id),
-            )
+                "UPDATE packages SET tokens_reserved = tokens_reserved - :part, tokens_used = tokens_used + :charge"
+                " WHERE id = :id",
+                part=part, charge=charge, id=package_id,
+            )  # fmt: skip
             left -= charge
         drop_reservation(db, request_id)
         # Used more than reserved: take the excess from whatever is still available (the
         # reservation's own packages included) and record what no package could cover.
-        for package_id, part in split(spendable(db, tenant_id, finished_at), left):
-            db.execute("UPDATE packages SET tokens_used = tokens_used + ? WHERE id = ?", (part, package_id))
+        for package_id, part in split(spendable(db, owner_id, finished_at), left):
+            db.execute("UPDATE packages SET tokens_used = tokens_used + :part WHERE id = :id", part=part, id=package_id)
             left -= part
         overage_tok = left
     db.execute(
         "INSERT INTO usage (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens, overage_tokens,"
         " energy_j, energy_source, cost, currency, status, started_at, finished_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens, overage_tok, float(energy_j),
-         energy_source, cost_text, currency, status, when_text(started_at), when_text(finished_at)),
+        " VALUES (:r, :tenant_id, :model, :replica, :prompt, :completion, :overage, :energy_j, :source, :cost,"
+        " :currency, :status, :started_at, :finished_at)",
+        r=request_id, tenant_id=owner_id, model=model, replica=replica, prompt=prompt_tokens,
+        completion=completion_tokens, overage=overage_tok, energy_j=float(energy_j), source=energy_source,
+        cost=cost_text, currency=currency, status=status, started_at=when_text(started_at),
+        finished_at=when_text(finished_at),
     )  # fmt: skip
-    return usage_from(db.execute(USAGE_SQL + " WHERE u.request_id = ?", (request_id,)).fetchone())
+    return usage_from(db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone())
 
 
 def release(db, request_id: str) -> bool:
-    if not db.execute("SELECT 1 FROM reservations WHERE request_id = ?", (request_id,)).fetchone():
+    held = db.execute("SELECT tenant_id FROM reservations WHERE request_id = :r", r=request_id).fetchone()
+    if held is None:
         return False
-    parts = db.execute("SELECT package_id, tokens FROM reservation_parts WHERE request_id = ?", (request_id,))
-    for package_id, part in parts.fetchall():
-        db.execute("UPDATE packages SET tokens_reserved = tokens_reserved - ? WHERE id = ?", (part, package_id))
+    db.lock_tenant_ids([held[0]])
+    # Under the lock, again: another process may have settled or released it meanwhile.
+    parts = db.execute("SELECT package_id, tokens FROM reservation_parts WHERE request_id = :r", r=request_id)
+    parts = parts.fetchall()
+    if not db.execute("SELECT 1 FROM reservations WHERE request_id = :r", r=request_id).fetchone():
+        return False
+    for package_id, part in parts:
+        db.execute(
+            "UPDATE packages SET tokens_reserved = tokens_reserved - :part WHERE id = :id", part=part, id=package_id
+        )
     drop_reservation(db, request_id)
     return True
 
 
 def drop_reservation(db, request_id: str) -> None:
-    db.execute("DELETE FROM reservation_parts WHERE request_id = ?", (request_id,))
-    db.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
+    db.execute("DELETE FROM reservation_parts WHERE request_id = :r", r=request_id)
+    db.execute("DELETE FROM reservations WHERE request_id = :r", r=request_id)
 
 
 def spendable(db, tenant_id: int, now: datetime) -> list[tuple[int, int]]:
     """(package_id, available tokens) of the tenant's live packages, in spending order."""
     free = "p.tokens_total - p.tokens_used - p.tokens_reserved"
-    return db.execute(
-        f"SELECT p.id, {free} FROM packages p WHERE p.tenant_id = ? AND {LIVE} AND {free} > 0 {SPEND_ORDER}",
-        (tenant_id, when_text(now)),
-    ).fetchall()
+    rows = db.execute(
+        f"SELECT p.id, {free} FROM packages p WHERE p.tenant_id = :tenant_id AND {LIVE} AND {free} > 0 {SPEND_ORDER}",
+        tenant_id=tenant_id, now=when_text(now),
+    )  # fmt: skip
+    return [(package_id, int(available)) for package_id, available in rows]
 
 
 def split(spendable: list[tuple[int, int]], tokens: int) -> list[tuple[int, int]]:
@@ -133,16 +146,19 @@ def split(spendable: list[tuple[int, int]], tokens: int) -> list[tuple[int, int]
 
 
 def tenant_id(db, name: str) -> int:
-    row = db.execute("SELECT id FROM tenants WHERE name = ?", (name,)).fetchone()
+    row = db.execute("SELECT id FROM tenants WHERE name = :name", name=name).fetchone()
     if row is None:
         raise UnknownTenant(name)
     return row[0]
 
 
-def insert_tenant(db, name: str, priority: str) -> Tenant:
+def insert_tenant(db, name: str, priority: str) -> Tenant | None:
+    """The new tenant, or None if one by that name exists (the UNIQUE name decides, so two
+    processes adding the same tenant at once both succeed, one of them as a no-op)."""
     check_name(name)
     row = db.execute(
-        "INSERT INTO tenants (name, priority, created_at) VALUES (?, ?, ?) RETURNING id, name, priority, created_at",
-        (name, priority, when_text(utcnow())),
-    ).fetchone()
-    return tenant_from(row)
+        "INSERT INTO tenants (name, priority, created_at) VALUES (:name, :priority, :now)"
+        " ON CONFLICT (name) DO NOTHING RETURNING id, name, priority, created_at",
+        name=name, priority=priority, now=when_text(utcnow()),
+    ).fetchone()  # fmt: skip
+    return None if row is None else tenant_from(row)

@@ -12,12 +12,11 @@ import threading
 import time
 
 import httpx
-import psutil
 import pytest
 
 from factory.metering.ledger import Ledger
 from tests.conftest import TINY_DTYPE, bearer
-from tests.support import FactoryProcess, free_port, serving, write_config
+from tests.support import FactoryProcess, engine_process, free_port, serving, write_config
 
 pytestmark = pytest.mark.stack
 
@@ -62,17 +61,6 @@ def _factory(tiny_model_dir, tmp_path, replicas: int):
     with serving(FactoryProcess(config, tmp_path / "serve.log", port)) as f:
         f.key, f.ledger_path = key, tmp_path / "ledger.db"
         yield f
-
-
-def _engine_process(factory: FactoryProcess, title: str) -> psutil.Process:
-    """The replica's vLLM process by its title: VLLM::EngineCore or VLLM::Worker."""
-    for p in factory.descendants():
-        try:
-            if p.name().startswith(title[:15]) or title in " ".join(p.cmdline()):
-                return p
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no {title} process under the factory")
 
 
 def _tokens_sent(text: str) -> tuple[int, int | None, bool]:
@@ -141,7 +129,7 @@ def test_kill_9_of_the_engine_under_load_costs_503s_never_a_500_and_the_ledger_b
                 except httpx.HTTPError:  # a stream cut by the dying engine
                     statuses.append((time.monotonic(), -1))
 
-    process = _engine_process(factory, victim)  # found first: walking the process tree takes seconds
+    process = engine_process(factory, victim)  # found first: walking the process tree takes seconds
     threads = [threading.Thread(target=load, args=(s,)) for s in (True, True, False)]
     for t in threads:
         t.start()

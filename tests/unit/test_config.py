@@ -38,6 +38,9 @@ def test_embedded_default_is_loopback_smollm_on_port_8000():
         ({"models": [{"engine_kwargs": {"max_model_len": 9}}]}, "models.0", "engine_kwargs may not set max_model_len"),
         ({"models": [{"name": "a b"}]}, "models.0.name", "without spaces"),
         ({"log_level": "loud"}, "log_level", "'debug'"),
+        ({"ledger": {"path": "/x.db", "url": "postgresql://h/db"}}, "ledger", "not both"),
+        ({"ledger": {"url": "mysql://h/db"}}, "ledger", "must be postgresql://"),
+        ({"ledger": {"url": "/srv/ledger.db"}}, "ledger", "a SQLite file goes in ledger.path"),
     ],
 )
 def test_bad_field_is_named_with_reason(data, where, why):
@@ -239,3 +242,11 @@ def test_the_gpu_config_takes_the_same_data_path():
     cfg = load_config(DEFAULT_CONFIG_PATH.parent / "gpu-8b.yaml")
     assert cfg.routing.policy == "energy" and cfg.routing.body_limit_kib > 0
     assert all(m.device in ("cuda", "auto") for m in cfg.models)
+
+
+def test_ledger_location_is_its_url_or_path_or_the_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("FACTORY_LEDGER", str(tmp_path / "env.db"))
+    assert parse_config({}).ledger_target == str(tmp_path / "env.db")
+    assert parse_config({"ledger": {"path": "/srv/l.db"}}).ledger_target == "/srv/l.db"
+    url = "postgresql://billing@db.internal:5432/ledger"
+    assert parse_config({"ledger": {"url": url}}).ledger_target == url

@@ -1,16 +1,20 @@
-"""The ledger on real SQLite files: keys are stored only as hashes, reservations never overspend
-a package (even with many processes racing), settlement charges exactly what was used."""
+"""The ledger on both of its backends, a real SQLite file and a real PostgreSQL server (every test
+runs on each): keys are stored only as hashes, reservations never overspend a package (even with
+many processes racing), settlement charges exactly what was used."""
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import re
 import sqlite3
 import threading
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from factory.metering.ledger import (
     PRIORITY_CLASSES,
@@ -18,23 +22,41 @@ from factory.metering.ledger import (
     LedgerError,
     QuotaExceeded,
     UnknownTenant,
-    default_ledger_path,
+    default_ledger,
 )
 
 # A year ahead, so packages expiring around it can still be granted whenever the tests run.
 T0 = (datetime.now(timezone.utc) + timedelta(days=365)).replace(microsecond=0)
 
 
-@pytest.fixture()
-def path(tmp_path):
-    return tmp_path / "ledger.db"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path) -> str:
+    """Where the test's ledger lives: a fresh SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture()
-def ledger(path):
-    led = Ledger(path)
+def ledger(target):
+    led = Ledger(target)
     yield led
     led.close()
+
+
+def raw_engine(ledger: Ledger) -> sa.Engine:
+    """A connection of our own to the ledger's database, past the Ledger's code."""
+    return sa.create_engine(ledger.url, poolclass=sa.pool.NullPool)
+
+
+def stored_text(ledger: Ledger) -> str:
+    """Every row of every table, as text."""
+    engine = raw_engine(ledger)
+    with engine.connect() as conn:
+        tables = sa.inspect(conn).get_table_names()
+        rows = [conn.execute(sa.text(f"SELECT * FROM {t}")).fetchall() for t in tables]
+    engine.dispose()
+    return repr(rows)
 
 
 def settle(ledger: Ledger, request_id: str, tenant: str, prompt: int, completion: int, **overrides):
@@ -51,28 +73,61 @@ def packages(ledger: Ledger, tenant: str) -> dict[int, tuple[int, int]]:
 # -- storage ------------------------------------------------------------------------------
 
 
-def test_new_ledger_is_wal_with_schema_version_and_default_path_follows_env(path, ledger, monkeypatch, tmp_path):
+def test_new_sqlite_ledger_is_wal_and_default_location_follows_env(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.db"
+    Ledger(path).close()
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
     raw.close()
-    Ledger(path).close()  # reopening an existing ledger neither fails nor adds a version row
-    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
 
     monkeypatch.delenv("FACTORY_LEDGER", raising=False)
     monkeypatch.setenv("FACTORY_HOME", str(tmp_path / "home"))
-    assert default_ledger_path() == tmp_path / "home" / "ledger.db"
+    assert default_ledger() == str(tmp_path / "home" / "ledger.db")
     monkeypatch.setenv("FACTORY_LEDGER", str(tmp_path / "elsewhere.db"))
-    assert default_ledger_path() == tmp_path / "elsewhere.db"
+    assert default_ledger() == str(tmp_path / "elsewhere.db")
+    monkeypatch.setenv("FACTORY_LEDGER", "postgresql://billing@db.example:5432/ledger")
+    assert default_ledger() == "postgresql://billing@db.example:5432/ledger"
 
 
-def test_database_itself_refuses_an_overspend(path, ledger):
+def test_schema_is_versioned_and_migrated_once_by_racing_openers(target):
+    """Ten processes' worth of openers at once on a new database: one creates the schema, the
+    others wait for it; the version is recorded once; a newer schema than ours is refused."""
+    errors = []
+
+    def open_close() -> None:
+        try:
+            Ledger(target).close()
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_close) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with Ledger(target) as ledger:
+        engine = raw_engine(ledger)
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT version FROM schema_version")).fetchall() == [(1,)]
+            tables = set(sa.inspect(conn).get_table_names())
+            conn.execute(sa.text("INSERT INTO schema_version (version) VALUES (2)"))
+        engine.dispose()
+    assert tables == {"schema_version", "tenants", "api_keys", "packages", "reservations", "reservation_parts",
+                      "usage"}  # fmt: skip
+    with pytest.raises(LedgerError, match="schema v2; this factory knows v1"):
+        Ledger(target)
+
+
+def test_database_itself_refuses_an_overspend(ledger):
     ledger.create_tenant("a")
     package = ledger.grant_package("a", 10)
-    raw = sqlite3.connect(path)
-    with pytest.raises(sqlite3.IntegrityError):
-        raw.execute("UPDATE packages SET tokens_used = 8, tokens_reserved = 3 WHERE id = ?", (package.id,))
-    raw.close()
+    engine = raw_engine(ledger)
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        overspend = sa.text("UPDATE packages SET tokens_used = 8, tokens_reserved = 3 WHERE id = :id")
+        conn.execute(overspend, {"id": package.id})
+    engine.dispose()
+    assert ledger.balance("a") == {"total": 10, "used": 0, "reserved": 0, "available": 10}
 
 
 # -- tenants ------------------------------------------------------------------------------
@@ -102,7 +157,7 @@ def test_tenants_create_get_ensure_list_and_priority(ledger):
 # -- keys ---------------------------------------------------------------------------------
 
 
-def test_key_lifecycle_stores_only_a_hash(path, ledger):
+def test_key_lifecycle_stores_only_a_hash(target, ledger):
     ledger.create_tenant("acme")
     info, token = ledger.create_key("acme", label="ci")
     match = re.fullmatch(r"tf-([0-9a-f]{12})-([A-Za-z0-9_-]{43})", token)
@@ -110,11 +165,13 @@ def test_key_lifecycle_stores_only_a_hash(path, ledger):
     secret = match[2]
     assert (info.tenant, info.admin, info.label, info.revoked_at) == ("acme", False, "ci", None)
 
-    # The WAL may hold the newest pages, so read every file SQLite keeps for this ledger.
-    stored = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
-    assert info.key_id.encode() in stored  # the scan sees the key's row...
-    assert secret.encode() not in stored  # ...but never its secret
-    assert token.encode() not in stored
+    stored = stored_text(ledger)
+    assert info.key_id in stored  # the scan sees the key's row...
+    assert secret not in stored  # ...but never its secret
+    if ledger.backend == "sqlite":  # and no page of the file (the WAL may hold the newest) has it either
+        path = Path(target)
+        raw = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+        assert info.key_id.encode() in raw and secret.encode() not in raw
 
     assert ledger.verify_key(token) == info
     wrong = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
@@ -154,7 +211,7 @@ def test_admin_and_tenant_keys_are_kept_apart(ledger):
 # -- reservations -------------------------------------------------------------------------
 
 
-def test_racing_processes_never_overspend_a_package(path, ledger):
+def test_racing_ledgers_never_overspend_a_package(target, ledger):
     """200 Ledger instances (one connection each, as separate processes would have) reserve 10
     tokens each against 500: exactly 50 win; settling them charges exactly what they used."""
     ledger.create_tenant("acme")
@@ -168,7 +225,7 @@ def test_racing_processes_never_overspend_a_package(path, ledger):
     def worker(i: int) -> None:
         led = None
         try:
-            led = Ledger(path)
+            led = Ledger(target, pool_size=1)
             start.wait()
             try:
                 led.reserve(f"r{i}", "acme", 10, ttl_s=60)
@@ -200,6 +257,63 @@ def test_racing_processes_never_overspend_a_package(path, ledger):
     assert mid_race == {package.id: (0, 500)}
     assert packages(ledger, "acme") == {package.id: (sum(charged), 0)}
     assert ledger.balance("acme")["available"] == 500 - sum(charged) >= 0
+    assert len(ledger.usage("acme")) == 50
+
+
+def _race_in_process(target: str, first: int, n: int, start, reserved_all, results) -> None:
+    """One of the racing processes: `n` threads, one Ledger (its pool), each thread reserves 10
+    tokens once the whole field is ready; once every thread of every process has tried, the
+    winners settle a random actual use (settling earlier would free tokens for later racers)."""
+    led = Ledger(target)
+    outcomes = []
+
+    def one(i: int) -> None:
+        try:
+            led.reserve(f"p{i}", "acme", 10, ttl_s=60)
+        except QuotaExceeded:
+            outcomes.append((i, "lost", 0))
+            reserved_all.wait()
+            return
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            outcomes.append((i, f"error: {err!r}", 0))
+            reserved_all.abort()
+            return
+        reserved_all.wait()
+        actual = random.Random(i).randint(0, 10)
+        settle(led, f"p{i}", "acme", actual // 2, actual - actual // 2)
+        outcomes.append((i, "won", actual))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(first, first + n)]
+    start.wait()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    led.close()
+    results.put(outcomes)
+
+
+def test_four_processes_racing_200_requests_against_a_package_for_50(target, ledger):
+    """The race as the factory's nodes would run it: 4 OS processes, 50 concurrent requests each,
+    10 tokens apiece against a package of 500: exactly 50 win, and the package ends charged with
+    exactly what the winners used, nothing left reserved."""
+    ledger.create_tenant("acme")
+    package = ledger.grant_package("acme", 500)
+    ctx = multiprocessing.get_context("spawn")
+    start, reserved_all, results = ctx.Barrier(4, timeout=120), ctx.Barrier(200, timeout=120), ctx.Queue()
+    procs = [
+        ctx.Process(target=_race_in_process, args=(target, 50 * k, 50, start, reserved_all, results)) for k in range(4)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = [o for _ in procs for o in results.get(timeout=180)]
+    for p in procs:
+        p.join(30)
+    assert [o for o in outcomes if o[1] not in ("won", "lost")] == []
+    won = [o for o in outcomes if o[1] == "won"]
+    assert (len(outcomes), len(won)) == (200, 50)
+    charged = sum(actual for _, _, actual in won)
+    assert packages(ledger, "acme") == {package.id: (charged, 0)}
     assert len(ledger.usage("acme")) == 50
 
 

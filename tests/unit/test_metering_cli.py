@@ -1,5 +1,7 @@
-"""`factory tenants | keys | packages | usage` against a real ledger file: tokens are printed once
-on the last line, usage exports are exact, and user mistakes are a message and exit 2."""
+"""`factory tenants | keys | packages | usage | ledger` against a real ledger, a SQLite file and a
+PostgreSQL database (every test runs on each): tokens are printed once on the last line, usage
+exports are exact, user mistakes are a message and exit 2, and `ledger migrate` copies a SQLite
+ledger into PostgreSQL with totals that tie out."""
 
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-@pytest.fixture()
-def db(tmp_path):
-    return tmp_path / "ledger.db"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path) -> str:
+    """The test's ledger: a SQLite path or a PostgreSQL URL, as `--ledger` takes either."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture()
@@ -192,3 +197,42 @@ def test_unusable_ledger_path_is_reported_not_raised(tmp_path, capsys):
     args = parser().parse_args(["tenants", "list", "--ledger", str(tmp_path)])  # a directory, not a file
     assert args.func(args) == 1
     assert capsys.readouterr().err.startswith(f"factory: cannot open ledger {tmp_path}")
+
+
+def test_migrate_copies_a_sqlite_ledger_into_postgresql_and_ties_out(tmp_path, pg_url, capsys):
+    source = tmp_path / "ledger.db"
+    seed_usage(source)
+    with Ledger(source) as ledger:
+        _, token = ledger.create_key("acme", label="kept")
+        package = ledger.grant_package("acme", 1000, price=Decimal("9.90"))
+        ledger.reserve("in-flight", "acme", 40, ttl_s=600)
+    args = parser().parse_args(["ledger", "migrate", "--ledger", str(source), "--to", pg_url])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "verified:" in out and "0.300000000001 CNY" in out and "reserved" in out
+
+    with Ledger(pg_url) as copied:
+        assert copied.verify_key(token).tenant == "acme"  # keys keep working: their hashes moved
+        assert copied.balance("acme") == {"total": 1000, "used": 0, "reserved": 40, "available": 960}
+        assert [p.id for p in copied.list_packages("acme")] == [package.id]
+        assert len(copied.usage()) == 3
+        copied.settle("in-flight", tenant="acme", prompt_tokens=5, completion_tokens=5, energy_j=1.0,
+                      energy_source="nvml", cost=Decimal("0.01"), currency="CNY", model="tiny")  # fmt: skip
+        later = copied.grant_package("beta", 10)
+        assert later.id > package.id  # new ids follow the copied ones
+    # A second migration into the now non-empty ledger is refused, and changes nothing.
+    args = parser().parse_args(["ledger", "migrate", "--ledger", str(source), "--to", pg_url])
+    assert args.func(args) == 2
+    assert "already holds a ledger" in capsys.readouterr().err
+
+
+def test_unreachable_postgresql_is_reported_without_its_password(capsys):
+    from tests.support import free_port
+
+    url = f"postgresql://billing:hunter2secret@127.0.0.1:{free_port()}/ledger"
+    args = parser().parse_args(["tenants", "list", "--ledger", url])
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("factory: cannot open ledger postgresql://billing:***@127.0.0.1:")
+    assert "Connection refused" in err
+    assert "hunter2secret" not in err
