@@ -119,9 +119,14 @@ def llm_config_for(
     )
 
 
-def _singleton(cls: type, *, resources: dict | None = None, **options):
-    """A one-replica deployment that reserves no CPU and logs no access lines."""
-    actor_options = {"num_cpus": 0, **({"resources": resources} if resources else {})}
+# The control plane (hub, ledger, governor) lives on the head node, where `factory serve` runs and
+# Serve's controller is: a worker node that dies takes only its own replicas with it.
+ON_HEAD = {"node:__internal_head__": 0.001}
+
+
+def _singleton(cls: type, **options):
+    """A one-replica deployment on the head node that reserves no CPU and logs no access lines."""
+    actor_options = {"num_cpus": 0, "resources": ON_HEAD}
     return serve.deployment(
         cls,
         name=cls.__name__,
@@ -140,13 +145,11 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
     hub = _singleton(StateHub, max_ongoing_requests=10_000).bind(
         {m.served_name: m.replicas for m in cfg.models}, {m.served_name: m.max_num_seqs for m in cfg.models}
     )
-    # On the head node, where `factory serve` runs: a SQLite file is there, and a PostgreSQL ledger
-    # outlives any worker node that way.
+    # A SQLite ledger's file is on the head node too.
     ledger = _singleton(
         LedgerService,
         max_ongoing_requests=100_000,
         graceful_shutdown_timeout_s=drain_s,
-        resources={"node:__internal_head__": 0.001},
     ).bind(
         cfg.ledger_target,
         reservation_ttl_s=cfg.reservation_ttl_s,

@@ -196,8 +196,8 @@ class LedgerConfig(_Strict):
         None,
         description=(
             "postgresql://user@host:port/database: a ledger every node can reach (several nodes, an "
-            "operator's own billing database). Keep the password out of it: libpq reads ~/.pgpass "
-            "and $PGPASSWORD. Either path or url."
+            "operator's own billing database). No password here (the config reaches Ray's logs): "
+            "libpq reads ~/.pgpass and $PGPASSWORD. Either path or url."
         ),
     )
     reservation_ttl_s: float | None = Field(
@@ -229,9 +229,15 @@ class LedgerConfig(_Strict):
             from factory.metering.store import ledger_url
 
             try:
-                ledger_url(self.url)
+                url = ledger_url(self.url)
             except LedgerError as err:
                 raise ValueError(str(err)) from None
+            if url.password is not None:
+                # The config travels to Serve as the application's arguments, which Ray logs.
+                raise ValueError(
+                    "ledger.url carries a password, and the config reaches Ray's logs: put it in "
+                    "~/.pgpass or $PGPASSWORD on the head node instead (libpq reads both)"
+                )
         return self
 
 

@@ -27,7 +27,7 @@ import psutil
 from factory.config import FactoryConfig, parse_config
 from factory.models import ModelPullError, ModelSourceError, ResolvedModel, resolve
 from factory.priorities import settle_priorities
-from factory.ray_seams import haproxy_replicas, serve_environment
+from factory.ray_seams import SETUP_HOOK, haproxy_replicas, serve_environment
 
 log = logging.getLogger("factory")
 
@@ -135,9 +135,12 @@ def serve_forever(cfg: FactoryConfig) -> int:
         route_body_limit_bytes=cfg.routing.body_limit_kib * 1024 if cfg.routing.policy == "energy" else None,
         ports=ports,
     )
+    # Every process of the job runs the hook: Serve's HAProxy then answers its own errors in
+    # OpenAI's shape, 503 + Retry-After, instead of a text 500 (ray_seams.install_haproxy_error_page).
+    hook = {"worker_process_setup_hook": SETUP_HOOK}
     if joined:
         # Serve's processes on the cluster read the data path's switches from the job's environment.
-        ray.init(address=cfg.ray.address, namespace="factory", runtime_env={"env_vars": serve_env})
+        ray.init(address=cfg.ray.address, namespace="factory", runtime_env={"env_vars": serve_env, **hook})
     else:
         # Ray starts workers at nice 15; the engine then loses the CPU to everything else on the
         # node. Stock vLLM runs at nice 0, and so do we (DESIGN §3).
@@ -145,7 +148,7 @@ def serve_forever(cfg: FactoryConfig) -> int:
         # An operator's node does not report usage to Ray's maintainers unless it opts in.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.update(serve_env)
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, namespace="factory")
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, namespace="factory", runtime_env=hook)
     stop.install()  # ray.init installs handlers of its own; ours must win so we can drain.
     # Replicas go wherever Ray places them, so ask the cluster, not this node: a CPU-only head
     # in front of GPU workers must still configure GPU replicas.
@@ -301,13 +304,7 @@ def _reap(procs: list[psutil.Process], grace_s: float = 10.0) -> None:
 
 def supervise(cfg: FactoryConfig) -> int:
     """Run the launcher in its own session and relay SIGINT/SIGTERM to it as SIGTERM."""
-    # The config goes by a pipe, not argv: `ps` shows every user a process's arguments, and a
-    # ledger URL may carry a password.
-    child = subprocess.Popen(
-        [sys.executable, "-m", "factory.launcher", "-"], stdin=subprocess.PIPE, start_new_session=True
-    )
-    child.stdin.write(cfg.model_dump_json().encode())
-    child.stdin.close()
+    child = subprocess.Popen([sys.executable, "-m", "factory.launcher", cfg.model_dump_json()], start_new_session=True)
 
     def relay(signum, _frame) -> None:
         if child.poll() is None:
@@ -330,6 +327,6 @@ def setup_logging(level: str) -> None:
 
 
 if __name__ == "__main__":
-    _cfg = parse_config(json.loads(sys.stdin.read() if sys.argv[1] == "-" else sys.argv[1]), origin="factory serve")
+    _cfg = parse_config(json.loads(sys.argv[1]), origin="factory serve")
     setup_logging(_cfg.log_level)
     sys.exit(serve_forever(_cfg))

@@ -15,13 +15,17 @@ tests/unit/test_ray_seams.py fails when an upgrade moves any of them:
   forwarded), answer 200 with a flat JSON object whose `replica_id` is the replica's full id;
 - the late-bound ASGI app of an ingress replica (`__serve_build_asgi_app__`, ray.serve.ingress);
 - HAProxy's stats page (`/stats;csv` on RAY_SERVE_HAPROXY_STATS_PORT) and the names Serve gives
-  replicas there (`SERVE_REPLICA::app#deployment#id` made HAProxy-safe): what HAProxy routes to.
+  replicas there (`SERVE_REPLICA::app#deployment#id` made HAProxy-safe): what HAProxy routes to;
+- the error file HAProxy answers its own 502/503/504 with, which Serve writes as a plain-text 500
+  (`HAProxyApi._initialize_directories_and_error_files`): the factory's is an OpenAI-shaped 503
+  with Retry-After, installed by a worker-process setup hook (`SETUP_HOOK`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import urllib.request
 from typing import Any
 
@@ -42,6 +46,51 @@ BODY_TRUNCATED_HEADER = "x-body-truncated"
 # HAProxy's stats page (haproxy.py HAProxyConfig.stats_uri) and a replica's server name on it.
 STATS_CSV_PATH = "/stats;csv"
 REPLICA_SERVER_PREFIX = "SERVE_REPLICA_"
+
+# Run by Ray in every process of the factory's job (ray.init's runtime_env), Serve's HAProxy
+# manager among them: see install_haproxy_error_page.
+SETUP_HOOK = "factory.ray_seams.install_haproxy_error_page"
+HAPROXY_ERROR_RETRY_AFTER_S = 2
+
+
+def haproxy_error_page() -> bytes:
+    """The whole HTTP response HAProxy sends when it cannot get an answer from any replica: none
+    up yet, every retry spent, or the replica lost before it answered (its node died). A client
+    should come back, so a 503 with Retry-After in OpenAI's error shape, not Serve's text 500."""
+    from factory.api.errors import error_body
+
+    message = (
+        "No replica could answer the request (one is starting, restarting or was lost). "
+        f"Retry after {HAPROXY_ERROR_RETRY_AFTER_S} s."
+    )
+    body = json.dumps(error_body(503, message, code="replica_unavailable"), separators=(",", ":")).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Retry-After: {HAPROXY_ERROR_RETRY_AFTER_S}\r\n"
+        "Cache-Control: no-cache\r\n"
+        "Connection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def install_haproxy_error_page() -> None:
+    """Ray's worker-process setup hook (SETUP_HOOK): make Serve's HAProxy manager, when it writes
+    the error file HAProxy answers its own 502/503/504 with, write ours over Serve's 500."""
+    from ray.serve._private import haproxy
+
+    write_serves = haproxy.HAProxyApi._initialize_directories_and_error_files
+    if getattr(write_serves, "factory_page", False):
+        return
+
+    def write_ours(self) -> None:
+        write_serves(self)
+        with open(self.cfg.error_file_path, "wb") as f:
+            f.write(haproxy_error_page())
+
+    write_ours.factory_page = True
+    haproxy.HAProxyApi._initialize_directories_and_error_files = write_ours
 
 
 def serve_environment(
@@ -91,6 +140,10 @@ def serve_environment(
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(ports["fallback_grpc"]),
         # Per-request access lines through Ray's log pipeline cost CPU the engine needs.
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+        # A replica lost while answering (its node died) closes HAProxy's connection with nothing
+        # sent back: HAProxy then hung up on the client. Sent again to another replica instead: the
+        # lost attempt was never settled, so its reservation expires and nobody pays for it twice.
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
     }
     if route_body_limit_bytes is not None:
         env["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] = "1"

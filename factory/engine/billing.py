@@ -102,6 +102,7 @@ class Billing:
                 "status": status,
                 "started_at": ticket.started,
                 "finished_at": finished,
+                "reserved": ticket.reserved,
             }
         )
         return cost

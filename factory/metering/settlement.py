@@ -46,7 +46,11 @@ def settle(
     status: str = "completed",
     started_at: datetime | None = None,
     finished_at: datetime | None = None,
+    reserved: bool = False,
 ) -> UsageRecord:
+    """Charge `request_id` what it used. `reserved`: it was admitted with a reservation; if that is
+    gone (it outlived its ttl and was released), the tokens are charged from whatever the tenant
+    has left, the rest recorded as overage: served is paid for, late or not."""
     if existing := db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone():
         return usage_from(existing)  # a retried settlement must not charge twice
     check_count(prompt_tokens, "prompt_tokens")
@@ -62,9 +66,12 @@ def settle(
         "SELECT r.tenant_id, t.name FROM reservations r JOIN tenants t ON t.id = r.tenant_id WHERE r.request_id = :r",
         r=request_id,
     ).fetchone()
-    if held is None:  # never reserved (auth disabled): nothing to charge, only to record
+    if held is None and not reserved:  # never reserved (auth disabled): nothing to charge, only to record
         insert_tenant(db, tenant, "standard")
         owner_id = tenant_id(db, tenant)
+    elif held is None:  # reserved once, but the reservation expired before this settlement
+        owner_id = tenant_id(db, tenant)
+        overage_tok = charge_available(db, owner_id, prompt_tokens + completion_tokens, finished_at)
     else:
         owner_id, holder = held
         if holder != tenant:
@@ -83,11 +90,8 @@ def settle(
             left -= charge
         drop_reservation(db, request_id)
         # Used more than reserved: take the excess from whatever is still available (the
-        # reservation's own packages included) and record what no package could cover.
-        for package_id, part in split(spendable(db, owner_id, finished_at), left):
-            db.execute("UPDATE packages SET tokens_used = tokens_used + :part WHERE id = :id", part=part, id=package_id)
-            left -= part
-        overage_tok = left
+        # reservation's own packages included).
+        overage_tok = charge_available(db, owner_id, left, finished_at)
     db.execute(
         "INSERT INTO usage (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens, overage_tokens,"
         " energy_j, energy_source, cost, currency, status, started_at, finished_at)"
@@ -99,6 +103,15 @@ def settle(
         finished_at=when_text(finished_at),
     )  # fmt: skip
     return usage_from(db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone())
+
+
+def charge_available(db, tenant_id: int, tokens: int, at: datetime) -> int:
+    """Charge `tokens` to the tenant's live packages in spending order; returns what no package
+    could cover (the overage)."""
+    for package_id, part in split(spendable(db, tenant_id, at), tokens):
+        db.execute("UPDATE packages SET tokens_used = tokens_used + :part WHERE id = :id", part=part, id=package_id)
+        tokens -= part
+    return tokens
 
 
 def release(db, request_id: str) -> bool:

@@ -157,7 +157,22 @@ class PowerGovernor:
             "factory_admission_level", "Site admission level (0 normal .. 3 lowest class shed).", labels=["name"]
         )
         admission.add_metric([LEVEL_NAMES[self._admission["level"]]], self._admission["level"])
-        return [budget, level, admission]
+        # The fleet by node, from the replicas' live reports: what a node budget is held against.
+        placed = GaugeMetricFamily(
+            "factory_replica_node", "1 for each live replica, labelled with the Ray node it runs on.",
+            labels=["replica", "node"],
+        )  # fmt: skip
+        node_power = GaugeMetricFamily(
+            "factory_node_power_watts", "Power drawn by each node's replicas (live reports).", labels=["node"]
+        )
+        now, per_node = time.monotonic(), {}
+        for replica, (received, node, rep) in sorted(self._reports.items()):
+            if now - received < STALE_AFTER_S:
+                placed.add_metric([replica, node], 1.0)
+                per_node[node] = per_node.get(node, 0.0) + rep["power_w"]
+        for node, watts in sorted(per_node.items()):
+            node_power.add_metric([node], watts)
+        return [budget, level, admission, placed, node_power]
 
     # -- the loop ------------------------------------------------------------------------------------------
     async def _run(self) -> None:

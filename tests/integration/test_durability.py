@@ -241,7 +241,7 @@ def test_postgresql_going_away_under_load_costs_only_503s(postgres, pg_url, tiny
 
     statuses = {a[1] for a in answers}
     assert statuses <= {200, 503}, f"answers other than 200/503: {statuses}\n{factory.log_tail()}"
-    assert len(probes) >= 4 and {r.status_code for r in probes} == {503}, [r.text for r in probes]
+    assert len(probes) >= 2 and {r.status_code for r in probes} == {503}, [r.text for r in probes]
     assert {r.json()["error"]["code"] for r in probes} == {"ledger_unavailable"}
     assert all(int(r.headers["retry-after"]) > 0 for r in probes)
     refused = [a for a in answers if a[1] == 503]

@@ -41,6 +41,7 @@ def test_embedded_default_is_loopback_smollm_on_port_8000():
         ({"ledger": {"path": "/x.db", "url": "postgresql://h/db"}}, "ledger", "not both"),
         ({"ledger": {"url": "mysql://h/db"}}, "ledger", "must be postgresql://"),
         ({"ledger": {"url": "/srv/ledger.db"}}, "ledger", "a SQLite file goes in ledger.path"),
+        ({"ledger": {"url": "postgresql://u:s3cret@h/db"}}, "ledger", "put it in ~/.pgpass or $PGPASSWORD"),
     ],
 )
 def test_bad_field_is_named_with_reason(data, where, why):
@@ -49,6 +50,7 @@ def test_bad_field_is_named_with_reason(data, where, why):
     text = str(exc.value)
     assert f"  {where}:" in text
     assert why in text
+    assert "s3cret" not in text
 
 
 def test_duplicate_served_names_are_rejected():

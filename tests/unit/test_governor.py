@@ -161,7 +161,7 @@ def test_families_export_budgets_by_scope_and_throttle_levels():
         await gov.exchange("r1", "n1", report(), known=0)
         return gov.families()
 
-    budget, level, admission = run(scenario)
+    budget, level, admission, *_ = run(scenario)
     assert budget.name == "factory_power_budget_watts"
     assert {s.labels["scope"]: s.value for s in budget.samples} == {
         "site": 1000.0, "node": 500.0, "gpu": 300.0, "node:n1": 400.0, "replica:r1": 250.0}  # fmt: skip
@@ -173,13 +173,39 @@ def test_families_export_budgets_by_scope_and_throttle_levels():
     assert [(s.labels, s.value) for s in admission.samples] == [({"name": "slowed"}, 2.0)]
 
 
+def test_families_place_each_live_replica_on_its_node_and_sum_power_per_node():
+    async def scenario(clock):
+        gov = PowerGovernor({}, GOVERNOR)
+        await gov.exchange("r1", "n1", report(), known=0)
+        await gov.exchange("r2", "n2", report(demand_w=200.0), known=0)
+        await gov.exchange("r3", "n2", report(demand_w=150.0), known=0)
+        fresh = gov.families()
+        clock.now_s += STALE_AFTER_S + 1
+        await gov.exchange("r1", "n1", report(), known=0)  # only r1 still reports: n2 is gone
+        return fresh, gov.families()
+
+    clock = Clock()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(governor_module, "time", clock)
+        fresh, later = run(lambda: scenario(clock))
+    placed, node_power = fresh[3], fresh[4]
+    assert placed.name == "factory_replica_node"
+    assert [(s.labels, s.value) for s in placed.samples] == [
+        ({"replica": "r1", "node": "n1"}, 1.0), ({"replica": "r2", "node": "n2"}, 1.0),
+        ({"replica": "r3", "node": "n2"}, 1.0)]  # fmt: skip
+    assert node_power.name == "factory_node_power_watts"
+    assert {s.labels["node"]: s.value for s in node_power.samples} == {"n1": 300.0, "n2": 350.0}
+    assert [s.labels for s in later[3].samples] == [{"replica": "r1", "node": "n1"}]
+    assert {s.labels["node"]: s.value for s in later[4].samples} == {"n1": 300.0}
+
+
 def test_no_budget_exports_no_budget_samples():
     async def scenario():
         gov = PowerGovernor({}, GOVERNOR)
         await gov.exchange("r1", "n1", report(), known=0)
         return gov.families()
 
-    budget, level, _ = run(scenario)
+    budget, level, *_ = run(scenario)
     assert budget.samples == []
     assert [(s.labels, s.value) for s in level.samples] == [({"replica": "r1", "reason": "within budget"}, 0.0)]
 

@@ -440,6 +440,19 @@ def test_settle_without_reservation_only_records_and_creates_the_tenant(ledger):
     assert ledger.get_tenant("anonymous").priority == "standard"
 
 
+def test_settle_after_the_reservation_expired_still_charges_what_was_served(ledger):
+    """A request that outlived its reservation (released as expired) is charged at settlement
+    from what the tenant has left, the rest recorded as overage; served is paid for."""
+    ledger.create_tenant("acme")
+    package = ledger.grant_package("acme", 10)
+    ledger.reserve("slow", "acme", 8, ttl_s=1, now=T0 - timedelta(days=400))
+    assert ledger.release_expired() == 1
+    record = settle(ledger, "slow", "acme", 4, 9, reserved=True)
+    assert (record.prompt_tokens, record.completion_tokens, record.overage_tokens) == (4, 9, 3)
+    assert packages(ledger, "acme") == {package.id: (10, 0)}
+    assert settle(ledger, "slow", "acme", 4, 9, reserved=True) == record  # idempotent, as ever
+
+
 def test_settle_refuses_bad_fields_and_another_tenants_reservation(ledger):
     ledger.create_tenant("a")
     ledger.create_tenant("b")

@@ -124,3 +124,56 @@ def test_haproxy_names_replicas_and_serves_stats_where_the_factory_reads_them():
     full = "SERVE_REPLICA::factory#FactoryEngine#abc123"
     assert common.REPLICA_ID_FULL_ID_STR_PREFIX == "SERVE_REPLICA::"
     assert haproxy.HAProxyManager.get_safe_name(full) == ray_seams.REPLICA_SERVER_PREFIX + "factory-FactoryEngine-abc123"
+
+
+def test_haproxy_answers_its_own_errors_with_the_factorys_openai_shaped_503(tmp_path):
+    """The setup hook makes Serve's HAProxy manager write our error file where Serve writes its
+    text 500; a real HAProxy with no live server then answers every request with it."""
+    import json
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+    from ray.serve._private import haproxy
+
+    assert callable(haproxy.HAProxyApi._initialize_directories_and_error_files)
+    ray_seams.install_haproxy_error_page()
+    ray_seams.install_haproxy_error_page()  # twice (every process of the job runs it): still one page
+    cfg = haproxy.HAProxyConfig(socket_path=str(tmp_path / "run" / "admin.sock"))
+    api = haproxy.HAProxyApi(cfg, config_file_path=str(tmp_path / "cfg" / "haproxy.cfg"))
+    page = Path(api.cfg.error_file_path).read_bytes()
+    assert page == ray_seams.haproxy_error_page()
+
+    # Serve's template points 502, 503 and 504 at that file; so does this minimal config.
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, dead = free_port(), free_port()
+    config = tmp_path / "mini.cfg"
+    config.write_text(
+        "defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n  timeout server 5s\n"
+        "  retries 1\n  option redispatch 1\n"
+        + "".join(f"  errorfile {code} {api.cfg.error_file_path}\n" for code in (502, 503, 504))
+        + f"frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n"
+        + f"backend b\n  server gone 127.0.0.1:{dead}\n"
+    )
+    proc = subprocess.Popen([haproxy.get_haproxy_binary(), "-f", str(config)])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m"}, timeout=10)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "HAProxy did not start"
+                time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == str(ray_seams.HAPROXY_ERROR_RETRY_AFTER_S)
+    error = json.loads(r.content)["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable_error", "replica_unavailable")
