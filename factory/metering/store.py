@@ -29,6 +29,20 @@ from factory.metering.schema import LedgerError
 # Any number of processes on any number of nodes may migrate at once: one does, the rest wait.
 _MIGRATION_LOCK = 0x7F_AC_70_21
 _TENANTS = sa.table("tenants", sa.column("id"), sa.column("name"))
+# Built once, so SQLAlchemy compiles each once per dialect (FOR UPDATE on PostgreSQL, nothing on
+# SQLite) and every call after is a cache hit.
+_LOCK_BY_NAME = (
+    sa.select(_TENANTS.c.id, _TENANTS.c.name)
+    .where(_TENANTS.c.name.in_(sa.bindparam("names", expanding=True)))
+    .order_by(_TENANTS.c.id)
+    .with_for_update()
+)
+_LOCK_BY_ID = (
+    sa.select(_TENANTS.c.id)
+    .where(_TENANTS.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(_TENANTS.c.id)
+    .with_for_update()
+)
 _text = functools.lru_cache(maxsize=1024)(sa.text)  # parsing a statement's parameters once
 
 
@@ -118,17 +132,15 @@ class Db:
         """Lock the named tenants' rows until the transaction ends (PostgreSQL; SQLite's write
         lock already excludes every other writer); their ids by name, unknown names left out.
         Every writer locks in id order, so two of them can never wait on each other."""
-        query = (
-            sa.select(_TENANTS.c.id, _TENANTS.c.name)
-            .where(_TENANTS.c.name.in_(sorted(set(names))))
-            .order_by(_TENANTS.c.id)
-            .with_for_update()
-        )
-        return {name: tenant_id for tenant_id, name in self.conn.execute(query)}
+        names = sorted(set(names))
+        if not names:
+            return {}
+        return {name: tenant_id for tenant_id, name in self.conn.execute(_LOCK_BY_NAME, {"names": names})}
 
     def lock_tenant_ids(self, ids: Iterable[int]) -> None:
-        query = sa.select(_TENANTS.c.id).where(_TENANTS.c.id.in_(sorted(set(ids)))).order_by(_TENANTS.c.id)
-        self.conn.execute(query.with_for_update()).fetchall()
+        ids = sorted(set(ids))
+        if ids:
+            self.conn.execute(_LOCK_BY_ID, {"ids": ids}).fetchall()
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import random
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -72,13 +73,13 @@ def _ledger_section(request, tmp_path, backend: str) -> tuple[str, dict]:
     return target, {"url": target}
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_kill_9_under_load_loses_no_completed_request(request, backend, tiny_model_dir, tmp_path):
-    ledger_path, section = _ledger_section(request, tmp_path, backend)
-    with Ledger(ledger_path) as ledger:
-        ledger.create_tenant("durable")
-        _, key = ledger.create_key("durable")
-        ledger.grant_package("durable", 10_000_000)
+def _tenant_and_config(target: str, section: dict, tenant: str, tiny_model_dir, tmp_path) -> tuple[str, Path, int]:
+    """A tenant with a key and 10 M tokens in the ledger at `target`, and a config serving the
+    tiny model on a free port with keys required: (key, config path, port)."""
+    with Ledger(target) as ledger:
+        ledger.create_tenant(tenant)
+        _, key = ledger.create_key(tenant)
+        ledger.grant_package(tenant, 10_000_000)
     port = free_port()
     config = write_config(
         tmp_path / "factory.yaml",
@@ -87,8 +88,16 @@ def test_kill_9_under_load_loses_no_completed_request(request, backend, tiny_mod
             {"name": TINY_MODEL, "source": str(tiny_model_dir), "dtype": TINY_DTYPE, "max_model_len": TINY_CONTEXT}
         ],
         auth="required",
-        ledger={**section, "reservation_ttl_s": RESERVATION_TTL_S},
+        ledger=section,
     )
+    return key, config, port
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_kill_9_under_load_loses_no_completed_request(request, backend, tiny_model_dir, tmp_path):
+    ledger_path, section = _ledger_section(request, tmp_path, backend)
+    section = {**section, "reservation_ttl_s": RESERVATION_TTL_S}
+    key, config, port = _tenant_and_config(ledger_path, section, "durable", tiny_model_dir, tmp_path)
     first = FactoryProcess(config, tmp_path / "first.log", port)
     seen: list[tuple[str, int, int]] = []
     stop = threading.Event()
@@ -174,20 +183,7 @@ def test_postgresql_going_away_under_load_costs_only_503s(postgres, pg_url, tiny
     Retry-After; no answer is a 500; the stream finishes once it is back (its settlement held);
     afterwards every 200 has its usage row, the package is charged exactly what was served, and
     nothing is left reserved."""
-    with Ledger(pg_url) as ledger:
-        ledger.create_tenant("steady")
-        _, key = ledger.create_key("steady")
-        ledger.grant_package("steady", 10_000_000)
-    port = free_port()
-    config = write_config(
-        tmp_path / "factory.yaml",
-        port=port,
-        models=[
-            {"name": TINY_MODEL, "source": str(tiny_model_dir), "dtype": TINY_DTYPE, "max_model_len": TINY_CONTEXT}
-        ],
-        auth="required",
-        ledger={"url": pg_url},
-    )
+    key, config, port = _tenant_and_config(pg_url, {"url": pg_url}, "steady", tiny_model_dir, tmp_path)
     factory = FactoryProcess(config, tmp_path / "serve.log", port)
     answers: list = []
     stop = threading.Event()
