@@ -37,9 +37,10 @@ class TwoNodeCluster:
             # As `factory serve` does for a local Ray (launcher.py): the engine at nice 0, no usage report.
             "RAY_worker_niceness": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
-            # Ray 2.60's `ray start --head` turns token authentication on (the token in
-            # ~/.ray/auth_token, made if missing); every other node and driver must then say so and
-            # present it. One home directory here; on real machines the operator copies the file.
+            # Token authentication, as an operator should run a cluster (Ray 2.60 turns it on by
+            # itself only when the head finds a token): the token in ~/.ray/auth_token, made by
+            # the head if missing; every node and driver says so and presents it. One home
+            # directory here; on real machines the operator copies the file.
             "RAY_AUTH_MODE": "token",
         }
 
