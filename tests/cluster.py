@@ -118,14 +118,28 @@ class TwoNodeCluster:
         )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def stop(self) -> None:
-        self.kill_worker()
-        subprocess.run([str(RAY_BIN), "stop", "--force"], capture_output=True, env=self.env, timeout=120)
+    def head_processes(self) -> list[psutil.Process]:
+        """This cluster's processes on the host: those naming its GCS address or port, with
+        their children. (`ray stop` would stop every Ray on the machine, other tests' too.)"""
+        marks = (self.address, f"--gcs_server_port={self.port}", f"--gcs-server-port={self.port}")
+        found = {}
         for p in psutil.process_iter(["cmdline"]):
             try:
-                if f"--gcs-address={self.address}" in " ".join(p.info["cmdline"] or []):
-                    p.kill()
+                if any(mark in " ".join(p.info["cmdline"] or []) for mark in marks):
+                    for q in [p, *p.children(recursive=True)]:
+                        found[q.pid] = q
             except psutil.Error:
                 continue
+        return list(found.values())
+
+    def stop(self) -> None:
+        self.kill_worker()
+        procs = self.head_processes()
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=30)
         subprocess.run(["ip", "link", "del", self.head_link], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
