@@ -119,8 +119,9 @@ def llm_config_for(
     )
 
 
-# The control plane (hub, ledger, governor) lives on the head node, where `factory serve` runs and
-# Serve's controller is: a worker node that dies takes only its own replicas with it.
+# The control plane (hub, ledger, governor, router) lives on the head node, where `factory serve`
+# runs and Serve's controller is: a worker node that dies takes only its own replicas with it (a
+# governor lost with a worker left every replica's admission poll failing until Serve replaced it).
 ON_HEAD = {"node:__internal_head__": 0.001}
 
 
@@ -200,7 +201,7 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         name="FactoryRouter",
         num_replicas=1,
         # On the request path once per request, light: no CPU reserved, no per-request access line.
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "resources": ON_HEAD},
         max_ongoing_requests=100_000,
         logging_config={"enable_access_log": False},
     ).bind(engines)

@@ -148,7 +148,14 @@ def serve_forever(cfg: FactoryConfig) -> int:
         # An operator's node does not report usage to Ray's maintainers unless it opts in.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.update(serve_env)
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.dashboard, namespace="factory", runtime_env=hook)
+        # address="local": a new Ray of our own, never a cluster some `ray start` left on this host.
+        ray.init(
+            address="local",
+            num_cpus=cfg.ray.num_cpus,
+            include_dashboard=cfg.ray.dashboard,
+            namespace="factory",
+            runtime_env=hook,
+        )
     stop.install()  # ray.init installs handlers of its own; ours must win so we can drain.
     # Replicas go wherever Ray places them, so ask the cluster, not this node: a CPU-only head
     # in front of GPU workers must still configure GPU replicas.

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +69,9 @@ class TwoNodeCluster:
                 "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
                 f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}",
                 "--include-dashboard=false", "--disable-usage-stats",
+                # Ports of its own: other tests' Rays on this host hold the defaults (52365, 10001).
+                f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                f"--metrics-export-port={free_port()}",
             ],
             self.root / "head.log",
         )  # fmt: skip
@@ -141,5 +145,9 @@ class TwoNodeCluster:
             except psutil.Error:
                 pass
         psutil.wait_procs(procs, timeout=30)
+        # `ray start --head` left its address for drivers to find; it names a cluster that is gone.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip() == self.address:
+            current.unlink()
         subprocess.run(["ip", "link", "del", self.head_link], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
