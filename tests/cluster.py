@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.support import free_port
+from tests.support import free_port, kill_processes
 
 RAY_BIN = Path(sys.executable).with_name("ray")
 HEAD_IP, WORKER_IP = "10.77.0.1", "10.77.0.2"
@@ -64,9 +64,9 @@ class TwoNodeCluster:
         self._ip("netns", "exec", self.ns, "ip", "addr", "add", f"{WORKER_IP}/24", "dev", self.worker_link)
         self._ip("netns", "exec", self.ns, "ip", "link", "set", self.worker_link, "up")
         self._ip("netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
-        self._ray(
+        self._run(
             [
-                "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
+                str(RAY_BIN), "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
                 f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}",
                 "--include-dashboard=false", "--disable-usage-stats",
                 # Ports of its own: other tests' Rays on this host hold the defaults (52365, 10001).
@@ -79,7 +79,7 @@ class TwoNodeCluster:
         return self
 
     def start_worker(self) -> None:
-        self._ray(
+        self._run(
             self._in_ns(
                 str(RAY_BIN), "start", f"--address={self.address}", f"--node-ip-address={WORKER_IP}",
                 f"--num-cpus={self.worker_cpus}", "--num-gpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}",
@@ -88,8 +88,7 @@ class TwoNodeCluster:
             self.root / "worker.log",
         )  # fmt: skip
 
-    def _ray(self, argv: list[str], log: Path) -> None:
-        cmd = argv if argv[0] == "ip" else [str(RAY_BIN), *argv]
+    def _run(self, cmd: list[str], log: Path) -> None:
         with log.open("ab") as out:
             done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, timeout=180)
         if done.returncode != 0:
@@ -138,13 +137,7 @@ class TwoNodeCluster:
 
     def stop(self) -> None:
         self.kill_worker()
-        procs = self.head_processes()
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=30)
+        kill_processes(self.head_processes())
         # `ray start --head` left its address for drivers to find; it names a cluster that is gone.
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         if current.exists() and current.read_text().strip() == self.address:

@@ -65,6 +65,17 @@ def serving(factory: "FactoryProcess", **ready) -> Iterator["FactoryProcess"]:
             factory.kill_everything()
 
 
+def kill_processes(procs: list[psutil.Process], wait_s: float = 30) -> None:
+    """SIGKILL each of `procs` (those already gone are skipped), then wait up to `wait_s` for them."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if wait_s:
+        psutil.wait_procs(procs, timeout=wait_s)
+
+
 def engine_process(factory: FactoryProcess, title: str) -> psutil.Process:
     """The replica's vLLM process by its title: VLLM::EngineCore or VLLM::Worker."""
     for p in factory.descendants():
@@ -153,11 +164,6 @@ class FactoryProcess:
 
     def kill_everything(self) -> None:
         """Last resort in teardown, so a failed test never leaves a stack running."""
-        procs = self.descendants()
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_processes(self.descendants(), wait_s=0)
         if self.proc.poll() is None:
             self.proc.kill()

@@ -36,11 +36,6 @@ class Totals:
         return out
 
 
-def totals(ledger: Ledger) -> Totals:
-    with ledger.transaction(write=False) as db:
-        return totals_in(db)
-
-
 def totals_in(db: store.Db) -> Totals:
     rows = {t: int(db.execute(f"SELECT COUNT(*) FROM {t}").scalar()) for t in TABLES}
     p = db.execute(

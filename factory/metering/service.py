@@ -94,6 +94,7 @@ class LedgerService:
         self._batch: list[tuple[dict[str, Any], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self._cost_total: dict[tuple[str, str], Decimal] = {}
+        self._unavailable_warned_at = float("-inf")
         released = self._ledger.release_expired()
         log.info("ledger %s open; %d expired reservation(s) released", self._ledger.where, released)
         self._janitor = asyncio.get_event_loop().create_task(self._release_expired_forever())
@@ -121,7 +122,7 @@ class LedgerService:
                 t = await asyncio.to_thread(self._ledger.get_tenant, info.tenant)
                 tenant = {"name": t.name, "priority": t.priority} if t else None
         except LedgerUnavailable as err:
-            return _unavailable(err)
+            return self._unavailable(err)
         return {"ok": True, "key_id": info.key_id, "admin": info.admin, "tenant": tenant}
 
     async def admit(self, token: str, request_id: str, tokens: int) -> dict[str, Any]:
@@ -143,7 +144,7 @@ class LedgerService:
         try:
             await asyncio.to_thread(self._ledger.reserve, request_id, tenant, tokens, ttl_s=self._ttl_s)
         except LedgerUnavailable as err:
-            return _unavailable(err)
+            return self._unavailable(err)
         except QuotaExceeded as err:
             return {
                 "ok": False,
@@ -220,7 +221,7 @@ class LedgerService:
         try:
             result = await asyncio.to_thread(getattr(self._ledger, op), **kwargs)
         except LedgerUnavailable as err:
-            return _unavailable(err)
+            return self._unavailable(err)
         except UnknownTenant as err:
             return {"ok": False, "status": 404, "message": str(err), "code": "tenant_not_found"}
         except (LedgerError, ValueError) as err:
@@ -230,6 +231,19 @@ class LedgerService:
             return {"ok": True, "result": {**jsonable(info), "key": token}}
         return {"ok": True, "result": jsonable(result)}
 
+    def _unavailable(self, err: LedgerUnavailable) -> dict[str, Any]:
+        now = time.monotonic()
+        if now - self._unavailable_warned_at > 10.0:  # one line per outage, not one per refused request
+            self._unavailable_warned_at = now
+            log.warning("ledger unavailable, answering 503 meanwhile: %s", err)
+        return {
+            "ok": False,
+            "status": 503,
+            "code": "ledger_unavailable",
+            "message": f"The factory's ledger is briefly unavailable. Retry after {UNAVAILABLE_RETRY_AFTER_S} s.",
+            "retry_after": UNAVAILABLE_RETRY_AFTER_S,
+        }
+
     def families(self) -> list[Metric]:
         cost = CounterMetricFamily(
             "factory_cost", "Money charged for energy and device time, by tenant.", labels=["tenant", "currency"]
@@ -237,20 +251,3 @@ class LedgerService:
         for (tenant, currency), amount in sorted(self._cost_total.items()):
             cost.add_metric([tenant, currency], float(amount))
         return [cost]
-
-
-_last_warned = [0.0]
-
-
-def _unavailable(err: LedgerUnavailable) -> dict[str, Any]:
-    now = time.monotonic()
-    if now - _last_warned[0] > 10.0:  # one line per outage, not one per refused request
-        _last_warned[0] = now
-        log.warning("ledger unavailable, answering 503 meanwhile: %s", err)
-    return {
-        "ok": False,
-        "status": 503,
-        "code": "ledger_unavailable",
-        "message": f"The factory's ledger is briefly unavailable. Retry after {UNAVAILABLE_RETRY_AFTER_S} s.",
-        "retry_after": UNAVAILABLE_RETRY_AFTER_S,
-    }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from factory.metering.ledger import Ledger
 from tests.conftest import TINY_CONTEXT, TINY_DTYPE, TINY_MODEL, bearer
-from tests.support import FactoryProcess, engine_process, free_port, write_config
+from tests.support import FactoryProcess, engine_process, free_port, kill_processes, write_config
 
 pytestmark = pytest.mark.stack
 
@@ -55,13 +54,7 @@ def _client_loop(base_url: str, key: str, seen: list, stop: threading.Event, see
 
 
 def _kill_9(factory: FactoryProcess) -> None:
-    procs = [psutil.Process(factory.proc.pid), *factory.descendants()]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
+    kill_processes([psutil.Process(factory.proc.pid), *factory.descendants()])
 
 
 def _ledger_section(request, tmp_path, backend: str) -> tuple[str, dict]:

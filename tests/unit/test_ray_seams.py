@@ -130,12 +130,13 @@ def test_haproxy_answers_its_own_errors_with_the_factorys_openai_shaped_503(tmp_
     """The setup hook makes Serve's HAProxy manager write our error file where Serve writes its
     text 500; a real HAProxy with no live server then answers every request with it."""
     import json
-    import socket
     import subprocess
     import time
 
     import httpx
     from ray.serve._private import haproxy
+
+    from tests.support import free_port
 
     assert callable(haproxy.HAProxyApi._initialize_directories_and_error_files)
     ray_seams.install_haproxy_error_page()
@@ -146,11 +147,6 @@ def test_haproxy_answers_its_own_errors_with_the_factorys_openai_shaped_503(tmp_
     assert page == ray_seams.haproxy_error_page()
 
     # Serve's template points 502, 503 and 504 at that file; so does this minimal config.
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     port, dead = free_port(), free_port()
     config = tmp_path / "mini.cfg"
     config.write_text(
