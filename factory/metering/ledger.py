@@ -21,9 +21,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import psycopg
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from factory.metering import keys, settlement, store
+from factory.metering import keys, procedures, settlement, store
 from factory.metering.schema import (
     MIGRATIONS,
     PACKAGE_SQL,
@@ -76,6 +77,8 @@ class Ledger:
         self.url = store.ledger_url(target)
         self.where = store.describe(self.url)  # for messages: never the password
         self._engine = store.open_engine(self.url, pool_size=pool_size)
+        # PostgreSQL: the hot writes are calls of the server-side functions of procedures.py (migration 2).
+        self._calls = None if store.is_sqlite(self.url) else store.Calls(self._engine)
         try:
             self._migrate()
         except BaseException:
@@ -241,6 +244,10 @@ class Ledger:
         expires_at = now + timedelta(seconds=ttl_s)
         taken = LedgerError(f"request {request_id!r} is already reserved or settled")
         try:
+            if self._calls is not None:
+                args = (request_id, tenant, tokens, when_text(expires_at), when_text(now))
+                self._call(procedures.RESERVE_CALL, args, request_id=request_id, tenant=tenant, tokens=tokens)
+                return Reservation(request_id, tenant, tokens, expires_at)
             with self.transaction() as db:
                 tenant_id = db.lock_tenants([tenant]).get(tenant)
                 if tenant_id is None:
@@ -276,15 +283,41 @@ class Ledger:
 
     def settle(self, request_id: str, **fields) -> UsageRecord:
         """Record what `request_id` used and charge it; the fields are `settlement.settle`'s."""
+        if self._calls is not None:
+            args = _settle_args(request_id, **fields)
+            return usage_from(self._call(procedures.SETTLE_CALL, args, request_id=request_id)[0])
         with self.transaction() as db:
             db.lock_tenants([fields.get("tenant")] if isinstance(fields.get("tenant"), str) else [])
             return settlement.settle(db, request_id, **fields)
 
     def settle_many(self, settlements: list[dict]) -> list[UsageRecord]:
         """Settle a batch in one transaction (one commit for all): all or nothing."""
+        if self._calls is not None:
+            batch = [_settle_args(**fields) for fields in settlements]  # all checked before any is sent
+            try:
+                with self._calls.transaction(args[1] for args in batch) as call:
+                    return [usage_from(call(procedures.SETTLE_CALL, args)[0]) for args in batch]
+            except psycopg.Error as err:
+                raise self._refused(err) from None
         with self.transaction() as db:
             db.lock_tenants(s["tenant"] for s in settlements if isinstance(s.get("tenant"), str))
             return [settlement.settle(db, **fields) for fields in settlements]
+
+    def _call(self, sql: str, args: tuple, **context) -> list[tuple]:
+        """One call of a PostgreSQL function (procedures.py), its own transaction."""
+        try:
+            return self._calls.call(sql, args)
+        except psycopg.Error as err:
+            raise self._refused(err, **context) from None
+
+    @staticmethod
+    def _refused(err: psycopg.Error, **context) -> Exception:
+        """A function's refusal as the ledger's exception; a server out of reach as LedgerUnavailable."""
+        if (refused := procedures.refusal(err, **context)) is not None:
+            return refused
+        if isinstance(err, psycopg.OperationalError):
+            return LedgerUnavailable(store.first_line(err))
+        return err
 
     def release(self, request_id: str) -> bool:
         """Hand back a reservation that will never be settled; False if there is none."""
@@ -341,6 +374,35 @@ class Ledger:
 
 
 # -- inside a transaction -----------------------------------------------------------------
+
+
+def _settle_args(
+    request_id: str,
+    *,
+    tenant: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    energy_j: float,
+    energy_source: str,
+    cost: Decimal,
+    currency: str,
+    model: str,
+    replica: str = "",
+    status: str = "completed",
+    started_at: datetime | None = None,
+    finished_at: datetime | None = None,
+    reserved: bool = False,
+) -> dict:
+    """`factory_settle`'s arguments, in order, checked as settlement.settle checks them."""
+    settlement.check(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, energy_j=energy_j,
+                     currency=currency, status=status, cost=cost)  # fmt: skip
+    if not reserved:
+        check_name(tenant)  # it may be a new tenant
+    return (
+        request_id, tenant, prompt_tokens, completion_tokens, float(energy_j), energy_source, money_text(cost, "cost"),
+        currency, model, replica, status, when_text(started_at), when_text(finished_at or utcnow()), bool(reserved),
+        when_text(utcnow()),
+    )  # fmt: skip
 
 
 def _usage_filter(db, tenant: str | None, since: datetime | None, until: datetime | None) -> tuple[str, dict]:

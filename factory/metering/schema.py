@@ -18,7 +18,7 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PRIORITY_CLASSES = ("high", "standard", "low")  # highest first
 STATUSES = ("completed", "aborted", "failed")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -124,7 +124,13 @@ def v1_tables(metadata: sa.MetaData) -> None:
 
 
 # Version -> the step that takes a ledger from the version before to it, run in one transaction.
-MIGRATIONS = {1: lambda conn: _create(conn, v1_tables)}
+MIGRATIONS = {1: lambda conn: _create(conn, v1_tables), 2: lambda conn: _procedures(conn)}
+
+
+def _procedures(conn) -> None:
+    from factory.metering import procedures  # (it imports this module)
+
+    procedures.install(conn)
 
 
 def _create(conn, tables) -> None:

@@ -51,14 +51,10 @@ def settle(
     """Charge `request_id` what it used. `reserved`: it was admitted with a reservation; if that is
     gone (it outlived its ttl and was released), the tokens are charged from whatever the tenant
     has left, the rest recorded as overage: served is paid for, late or not."""
+    check(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, energy_j=energy_j, currency=currency,
+          status=status, cost=cost)  # fmt: skip
     if existing := db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone():
         return usage_from(existing)  # a retried settlement must not charge twice
-    check_count(prompt_tokens, "prompt_tokens")
-    check_count(completion_tokens, "completion_tokens")
-    check_real(energy_j, "energy_j")
-    check_currency(currency)
-    if status not in STATUSES:
-        raise LedgerError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
     cost_text = money_text(cost, "cost")
     finished_at = finished_at or utcnow()
     overage_tok = 0
@@ -103,6 +99,17 @@ def settle(
         finished_at=when_text(finished_at),
     )  # fmt: skip
     return usage_from(db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone())
+
+
+def check(*, prompt_tokens, completion_tokens, energy_j, currency, status, cost) -> None:
+    """A settlement's values, checked before anything is written (on either backend)."""
+    check_count(prompt_tokens, "prompt_tokens")
+    check_count(completion_tokens, "completion_tokens")
+    check_real(energy_j, "energy_j")
+    check_currency(currency)
+    if status not in STATUSES:
+        raise LedgerError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    money_text(cost, "cost")
 
 
 def charge_available(db, tenant_id: int, tokens: int, at: datetime) -> int:

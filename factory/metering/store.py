@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterable, Iterator
+import select
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, IntegrityError, OperationalError
 
 from factory.metering.schema import LedgerError
 
@@ -88,14 +90,83 @@ def open_engine(url: URL, *, pool_size: int = 5) -> Engine:
         event.listen(engine, "connect", _sqlite_connected)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return sa.create_engine(
+    engine = sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=2 * pool_size,
-        pool_pre_ping=True,  # a server restart leaves dead connections in the pool: test before use
         pool_timeout=10,
         connect_args={"connect_timeout": 5, "application_name": "factory-ledger"},
     )
+    event.listen(engine, "checkout", _still_connected)
+    return engine
+
+
+def _still_connected(dbapi_conn, _record, _proxy) -> None:
+    """A server restart leaves dead connections in the pool: hand none of them out. An idle
+    connection has nothing to read unless the server has closed it (PostgreSQL says why, then
+    hangs up), so a poll of its socket tells without a round trip; pool_pre_ping's `SELECT 1`
+    would cost one per checkout, as much as a ledger function call itself. The pool drops a
+    connection this refuses and opens a new one."""
+    if dbapi_conn.closed or dbapi_conn.broken:
+        raise DisconnectionError("connection closed")
+    readable, _, _ = select.select([dbapi_conn.fileno()], [], [], 0)
+    if readable:
+        raise DisconnectionError("the server closed the connection")
+
+
+class Calls:
+    """Calls of the ledger's PostgreSQL functions (procedures.py) straight through psycopg, on the
+    ledger's pool. Each call is one statement in autocommit, so one round trip is the whole
+    transaction (no BEGIN, no COMMIT). A connection found dead during a call (the server went
+    away after the checkout's look) is dropped and the call sent once more on a new one. (If the
+    server died after committing a reservation and before answering, the second try is refused
+    as a duplicate request id and the first expires with its ttl: no token is lost or spent
+    twice; a settlement is idempotent.)"""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def call(self, sql: str, args: tuple) -> list[tuple]:
+        """The rows `sql` returns, committed."""
+        for attempt in (1, 2):
+            pooled = self.engine.raw_connection()
+            conn = pooled.driver_connection
+            try:
+                conn.autocommit = True
+                try:
+                    cur = conn.execute(sql, args)
+                    return cur.fetchall() if cur.description else []
+                finally:
+                    if not conn.broken:
+                        conn.autocommit = False  # as the pool hands connections out
+            except psycopg.OperationalError as err:
+                if conn.broken:
+                    pooled.invalidate(err)
+                    if attempt == 1:
+                        continue
+                raise
+            finally:
+                pooled.close()
+        raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def transaction(self, tenants: Iterable[str]) -> Iterator[Callable[[str, tuple], list[tuple]]]:
+        """Several calls in one transaction, the named tenants' rows locked first in id order
+        (as every writer locks them, so two transactions never wait on each other)."""
+        pooled = self.engine.raw_connection()
+        conn = pooled.driver_connection
+        try:
+            with conn.transaction():
+                conn.execute(
+                    "SELECT id FROM tenants WHERE name = ANY(%s) ORDER BY id FOR UPDATE", (sorted(set(tenants)),)
+                )
+                yield lambda sql, args: conn.execute(sql, args).fetchall()
+        except psycopg.OperationalError as err:
+            if conn.broken:
+                pooled.invalidate(err)
+            raise
+        finally:
+            pooled.close()
 
 
 def _sqlite_connected(dbapi_conn, _record) -> None:

@@ -24,6 +24,7 @@ from factory.metering.ledger import (
     UnknownTenant,
     default_ledger,
 )
+from factory.metering.schema import SCHEMA_VERSION
 
 # A year ahead, so packages expiring around it can still be granted whenever the tests run.
 T0 = (datetime.now(timezone.utc) + timedelta(days=365)).replace(microsecond=0)
@@ -109,13 +110,14 @@ def test_schema_is_versioned_and_migrated_once_by_racing_openers(target):
     with Ledger(target) as ledger:
         engine = raw_engine(ledger)
         with engine.begin() as conn:
-            assert conn.execute(sa.text("SELECT version FROM schema_version")).fetchall() == [(1,)]
+            versions = conn.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).fetchall()
+            assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
             tables = set(sa.inspect(conn).get_table_names())
-            conn.execute(sa.text("INSERT INTO schema_version (version) VALUES (2)"))
+            conn.execute(sa.text("INSERT INTO schema_version (version) VALUES (:v)"), {"v": SCHEMA_VERSION + 1})
         engine.dispose()
     assert tables == {"schema_version", "tenants", "api_keys", "packages", "reservations", "reservation_parts",
                       "usage"}  # fmt: skip
-    with pytest.raises(LedgerError, match="schema v2; this factory knows v1"):
+    with pytest.raises(LedgerError, match=f"schema v{SCHEMA_VERSION + 1}; this factory knows v{SCHEMA_VERSION}"):
         Ledger(target)
 
 
@@ -481,12 +483,81 @@ def test_settle_many_is_one_transaction(ledger):
         ledger.settle_many(batch[:2] + [batch[2] | {"status": "lost"}])
     assert ledger.usage() == []  # the good two were rolled back with the bad one
     assert packages(ledger, "acme") == {package.id: (0, 30)}
+    ledger.create_tenant("other")
+    with pytest.raises(LedgerError, match="reserved for 'acme'"):  # refused by the database, mid-batch
+        ledger.settle_many(batch[:2] + [batch[2] | {"tenant": "other"}])
+    assert ledger.usage() == []
+    assert packages(ledger, "acme") == {package.id: (0, 30)}
 
     records = ledger.settle_many(batch)
     assert [r.request_id for r in records] == ["r0", "r1", "r2"]
     assert packages(ledger, "acme") == {package.id: (15, 0)}
     [total] = ledger.usage_summary("acme")
     assert total["cost"] == Decimal("0.3")  # exact: 0.1 + 0.1 + 0.1 in floats is not 0.3
+
+
+def test_both_backends_keep_one_ledger_through_a_random_history(tmp_path, pg_url):
+    """PostgreSQL spends packages in its own functions (procedures.py), SQLite in settlement.py:
+    one seeded history of 400 reserves (some over quota, some duplicates), settlements (under,
+    at and over what was reserved; late, after the reservation expired; never reserved), releases
+    and expiries, played on both, must leave every package, reservation and usage row the same."""
+    rng = random.Random(20261207)
+    history = []
+    for step in range(400):
+        tenant = rng.choice(["a", "b", "c"])
+        rid = f"r{rng.randrange(120)}"  # ids repeat: duplicates and retried settlements happen
+        history.append((rng.choice(["reserve", "reserve", "settle", "settle", "late", "free", "release", "expire"]),
+                        tenant, rid, rng.randint(0, 60), rng.randint(0, 40), step))  # fmt: skip
+
+    def play(target: str) -> tuple:
+        outcomes = []
+        with Ledger(target) as led:
+            for tenant in "abc":
+                led.create_tenant(tenant)
+                for k, expires in enumerate([T0 + timedelta(hours=1), None, T0 + timedelta(minutes=30)]):
+                    led.grant_package(tenant, 150 + 50 * k, expires_at=expires)
+            for op, tenant, rid, a, b, step in history:
+                now = T0 - timedelta(hours=2) + timedelta(minutes=step)  # ~7 h: packages expire on the way
+                try:
+                    if op == "reserve":
+                        led.reserve(rid, tenant, a, ttl_s=rng_ttl(step), now=now)
+                    elif op in ("settle", "late", "free"):
+                        settle(led, rid, tenant, a // 2, b, finished_at=now, reserved=op != "free")
+                    elif op == "release":
+                        outcomes.append(led.release(rid))
+                    else:
+                        outcomes.append(led.release_expired(now=now))
+                    outcomes.append(op)
+                except LedgerError as err:
+                    outcomes.append(type(err).__name__)
+            state = [(p.tenant, p.tokens_total, p.tokens_used, p.tokens_reserved) for t in "abc"
+                     for p in led.list_packages(t)]  # fmt: skip
+            usage = sorted((u.request_id, u.tenant, u.prompt_tokens, u.completion_tokens, u.overage_tokens)
+                           for u in led.usage())  # fmt: skip
+            return outcomes, state, usage, [led.balance(t) for t in "abc"]
+
+    def rng_ttl(step: int) -> float:
+        return 60.0 * (1 + step % 7)  # some outlive the history, some expire within it
+
+    sqlite_run, postgres_run = play(str(tmp_path / "ledger.db")), play(pg_url)
+    assert sqlite_run == postgres_run
+    outcomes, _, usage, _ = sqlite_run
+    # The history exercised what it claims to: refusals, duplicates, overage.
+    assert {"QuotaExceeded", "LedgerError", "reserve", "settle"} <= set(outcomes)
+    assert any(overage > 0 for *_, overage in usage)
+
+
+def test_postgresql_restart_costs_no_call_a_dead_connection(postgres, pg_url):
+    """A server restart leaves the pool's connections dead; the next reserve, settlement and read
+    must each get a live one (the checkout's look, store._still_connected), not an error."""
+    with Ledger(pg_url, pool_size=2) as led:
+        led.create_tenant("acme")
+        led.grant_package("acme", 100)
+        led.reserve("before", "acme", 10, ttl_s=60)  # a pooled connection, about to die
+        postgres.pg_ctl("restart")
+        led.reserve("after", "acme", 10, ttl_s=60)
+        settle(led, "before", "acme", 3, 4, reserved=True)
+        assert led.balance("acme") == {"total": 100, "used": 7, "reserved": 10, "available": 83}
 
 
 # -- usage --------------------------------------------------------------------------------
