@@ -15,6 +15,7 @@ vLLM's serving code answers every OpenAI request; the Ray internals used are in 
 
 from __future__ import annotations
 
+import ray
 from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
@@ -23,7 +24,7 @@ from factory.config import FactoryConfig, ModelConfig, parse_config
 from factory.engine.server import FactoryLLMServer, LocalModelCallback
 from factory.engine.wire import SchedulerSettings
 from factory.hub import StateHub
-from factory.launcher import ENGINE_DEPLOYMENT
+from factory.launcher import ENGINE_DEPLOYMENT, resolve_models
 from factory.metering.service import LedgerService
 from factory.models import ResolvedModel
 from factory.power.governor import PowerGovernor
@@ -228,9 +229,20 @@ def _scheduler_settings(cfg: FactoryConfig, gpu: bool) -> SchedulerSettings:
 def build(args: dict) -> Application:
     """Serve's application builder (`import_path: factory.app:build`), called in a Ray task.
 
-    `args` carries what the launcher already decided: the validated config, each model's
-    resolved source, and whether this node has GPUs.
+    From `factory serve`, `args` carries what the launcher already decided: the validated config,
+    each model's resolved source, and whether the cluster has GPUs. A KubeRay RayService
+    (configs/kuberay/) passes the config alone; then the sources are resolved and the cluster's
+    GPUs counted here, in Serve's build task, on whichever node Ray runs it.
     """
     cfg = parse_config(args["config"], origin="application args")
-    resolved = {name: ResolvedModel(**r) for name, r in args["resolved"].items()}
-    return build_application(cfg, resolved, bool(args["gpu_available"]))
+    if "resolved" in args:
+        resolved = {name: ResolvedModel(**r) for name, r in args["resolved"].items()}
+    else:
+        resolved = resolve_models(cfg)
+    if "gpu_available" in args:
+        gpu_available = bool(args["gpu_available"])
+    else:
+        # Only what has joined by now: GPU workers still starting are not counted, which is why
+        # a RayService's config says `device: cuda` instead of auto.
+        gpu_available = ray.cluster_resources().get("GPU", 0) > 0
+    return build_application(cfg, resolved, gpu_available)

@@ -18,7 +18,11 @@ tests/unit/test_ray_seams.py fails when an upgrade moves any of them:
   replicas there (`SERVE_REPLICA::app#deployment#id` made HAProxy-safe): what HAProxy routes to;
 - the error file HAProxy answers its own 502/503/504 with, which Serve writes as a plain-text 500
   (`HAProxyApi._initialize_directories_and_error_files`): the factory's is an OpenAI-shaped 503
-  with Retry-After, installed by a worker-process setup hook (`SETUP_HOOK`).
+  with Retry-After, installed by a worker-process setup hook (`SETUP_HOOK`);
+- under KubeRay (configs/kuberay/), where no `ray.init` of ours passes that hook, the variable
+  Ray's workers read it from at start (`ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR`,
+  `__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR`) in every pod's environment; tests/unit/test_kuberay.py
+  fails if the manifest and Ray's constant part.
 """
 
 from __future__ import annotations

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from factory.app import llm_config_for, on_gpu
+import dataclasses
+
+import pytest
+import ray
+
+import factory.app
+from factory.app import build, llm_config_for, on_gpu
 from factory.config import ModelConfig
 from factory.engine.server import FactoryLLMServer, LocalModelCallback
-from factory.models import ResolvedModel
+from factory.models import ModelSourceError, ResolvedModel
 
 LOCAL = ResolvedModel("/m/tiny", "/m/tiny", "local", "tiny")
 HF = ResolvedModel("org/model", "org/model", "hf", "org/model")
@@ -66,3 +72,51 @@ def test_cpu_replica_is_metered_with_the_sync_scheduler_and_unmetered_when_disab
     assert metered.engine_kwargs["scheduler_cls"] == "factory.engine.scheduler.MeteringScheduler"
     plain = llm_config_for(model, HF, gpu=False, drain_timeout_s=30, metered=False)
     assert "scheduler_cls" not in plain.engine_kwargs
+
+
+@pytest.fixture
+def built(monkeypatch) -> dict:
+    """What build() hands to build_application (which would bind vLLM deployments)."""
+    seen: dict = {}
+
+    def capture(cfg, resolved, gpu_available):
+        seen.update(cfg=cfg, resolved=resolved, gpu=gpu_available)
+        return "app"
+
+    monkeypatch.setattr(factory.app, "build_application", capture)
+    return seen
+
+
+@pytest.mark.parametrize(("resources", "gpu"), [({"CPU": 16.0, "GPU": 2.0}, True), ({"CPU": 16.0}, False)])
+def test_build_from_the_config_alone_resolves_the_models_and_counts_the_clusters_gpus(
+    built, monkeypatch, resources, gpu
+):
+    # A KubeRay RayService's serveConfigV2 passes only the config (configs/kuberay/).
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    assert build({"config": {"models": [{"source": "org/model", "name": "m"}]}}) == "app"
+    assert built["resolved"] == {"m": ResolvedModel("org/model", "org/model", "hf", "org/model")}
+    assert built["gpu"] is gpu
+    assert built["cfg"].models[0].served_name == "m"
+
+
+def test_build_from_the_config_alone_fails_on_a_model_it_cannot_find(built, monkeypatch):
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        build({"config": {"models": [{"source": "/no/such/model"}]}})
+
+
+def test_build_keeps_what_the_launcher_decided(built, monkeypatch):
+    def refuse(*_args):
+        raise AssertionError("the launcher already decided this")
+
+    monkeypatch.setattr(ray, "cluster_resources", refuse)
+    monkeypatch.setattr(factory.app, "resolve_models", refuse)
+    build(
+        {
+            "config": {"models": [{"source": "/m/tiny"}]},
+            "resolved": {"tiny": dataclasses.asdict(LOCAL)},
+            "gpu_available": True,
+        }
+    )
+    assert built["resolved"] == {"tiny": LOCAL}
+    assert built["gpu"] is True
