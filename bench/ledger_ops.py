@@ -2,7 +2,7 @@
 and their latency, at 1, 8 and 64 concurrent callers, against a fresh ledger.
 
     .venv/bin/python bench/ledger_ops.py [--ledger PATH_OR_URL] [--callers 1,8,64] [--pairs 2000]
-        [--tenants callers|one]
+        [--tenants callers|one] [--admission]
 
 Each caller is a thread doing reserve then settle, one request after another; with
 `--tenants callers` every caller spends its own tenant's package (a fleet of customers), with
@@ -10,6 +10,8 @@ Each caller is a thread doing reserve then settle, one request after another; wi
 The default ledger is a fresh SQLite file in a temporary directory; `--ledger postgresql://…`
 measures a PostgreSQL database instead (it must be empty). After each level the packages must
 be charged exactly what was settled (no overspend, nothing left reserved), or the run fails.
+`--admission` makes each pair what the ledger service does for a request: check the caller's key
+and read its tenant (LedgerService.authenticate), then reserve, then settle.
 To compare two versions of the code, run both in one session on one machine
 (PYTHONPATH=<other checkout>, `--callers 1`) and take the ratio.
 """
@@ -33,8 +35,9 @@ FIELDS = dict(prompt_tokens=3, completion_tokens=5, energy_j=1.0, energy_source=
 TOKENS = 8  # what each settlement charges (prompt + completion)
 
 
-def level(ledger: Ledger, callers: int, pairs: int, tenants: list[str], tag: str) -> dict:
-    """`pairs` reserve + settle pairs split over `callers` threads: pairs/s and latency."""
+def level(ledger: Ledger, callers: int, pairs: int, tenants: list[str], tag: str, keys: dict | None = None) -> dict:
+    """`pairs` reserve + settle pairs split over `callers` threads: pairs/s and latency. With
+    `keys` (tenant -> token), each pair first checks the tenant's key and reads the tenant."""
     latencies: list[float] = []
     errors: list[BaseException] = []
     start = threading.Barrier(callers)
@@ -47,6 +50,9 @@ def level(ledger: Ledger, callers: int, pairs: int, tenants: list[str], tag: str
             for i in range(pairs // callers):
                 rid = f"{tag}-{k}-{i}"
                 t0 = time.perf_counter()
+                if keys is not None:
+                    info = ledger.verify_key(keys[tenant])
+                    assert info is not None and ledger.get_tenant(info.tenant) is not None
                 ledger.reserve(rid, tenant, 10, ttl_s=60)
                 ledger.settle(rid, tenant=tenant, **FIELDS)
                 mine.append(time.perf_counter() - t0)
@@ -79,6 +85,7 @@ def main() -> int:
     ap.add_argument("--callers", default="1,8,64")
     ap.add_argument("--pairs", type=int, default=2000, help="pairs per level")
     ap.add_argument("--tenants", choices=("callers", "one"), default="callers")
+    ap.add_argument("--admission", action="store_true", help="check the key and read the tenant first, as the service")
     args = ap.parse_args()
     levels = [int(c) for c in args.callers.split(",")]
     target = args.ledger or str(Path(tempfile.mkdtemp()) / "ledger.db")
@@ -86,13 +93,17 @@ def main() -> int:
         where = getattr(ledger, "where", target)  # (older checkouts: the path)
         count = max(levels) if args.tenants == "callers" else 1
         tenants = [f"t{k}" for k in range(count)]
+        keys = {} if args.admission else None
         for t in tenants:
             ledger.create_tenant(t)
             ledger.grant_package(t, 10**12)
-        level(ledger, 1, 100, tenants, "warm")
-        print(f"ledger {where} on {cpu_model()}, tenants: {args.tenants}")
+            if keys is not None:
+                keys[t] = ledger.create_key(t)[1]
+        level(ledger, 1, 100, tenants, "warm", keys)
+        calls = "key + tenant + reserve + settle" if args.admission else "reserve + settle"
+        print(f"ledger {where} on {cpu_model()}, tenants: {args.tenants}, a pair: {calls}")
         for n in levels:
-            r = level(ledger, n, args.pairs, tenants, f"c{n}")
+            r = level(ledger, n, args.pairs, tenants, f"c{n}", keys)
             print(f"  {n:>3} callers: {r['pairs_per_s']:7.0f} pairs/s  p50 {r['p50_ms']:6.2f} ms  "
                   f"p99 {r['p99_ms']:7.2f} ms  ({r['pairs']} pairs)")  # fmt: skip
         settled = sum(len(ledger.usage(t)) for t in tenants)
