@@ -91,6 +91,28 @@ def merge_power(replicas: list[dict[str, Any]], power: dict[str, Any]) -> None:
             r["power_w"] = g["power_w"]
         r["cap_w"] = g["cap_w"] if g else None
         r["throttle"] = {"level": g["level"], "reason": g["reason"]} if g else {"level": 0, "reason": "within budget"}
+        r["node"] = g.get("node") if g else None  # the Ray node it runs on, as it told the governor
+
+
+def node_rows(replicas: list[dict[str, Any]], budgets: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per Ray node: its replicas, how many serve, the power and tokens/s of those, and the
+    budget the governor holds the node to (its own, or the per-node one, the tighter)."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for r in replicas:
+        if r.get("node") is None:
+            continue  # not yet heard of by the governor
+        n = nodes.setdefault(
+            r["node"], {"node": r["node"], "replicas": [], "up": 0, "power_w": 0.0, "tokens_per_s": 0.0}
+        )
+        n["replicas"].append(r["id"])
+        if r["up"]:
+            n["up"] += 1
+            n["power_w"] += r["power_w"]
+            n["tokens_per_s"] += r["tokens_per_s"]
+    for n in nodes.values():
+        own = [w for w in ((budgets.get("nodes") or {}).get(n["node"]), budgets.get("node_w")) if w is not None]
+        n["budget_w"] = min(own) if own else None
+    return [nodes[k] for k in sorted(nodes)]
 
 
 def site_state(
@@ -125,6 +147,7 @@ def site_state(
         "currency": currency,
         "site": site,
         "replicas": replicas,
+        "nodes": node_rows(replicas, budgets),
         "tenants": tenants,
         "admission": admission or {"level": 0, "name": "normal", "slowed": [], "shed": [], "reason": "no budget binds"},
         "alarms": alarms(site, replicas, expected),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from factory.dashboard.state import ReplicaHistory, alarms, merge_power, replica_facts, site_state
+from factory.dashboard.state import ReplicaHistory, alarms, merge_power, node_rows, replica_facts, site_state
 from factory.hub import StateHub
 
 
@@ -116,3 +116,24 @@ def test_merge_power_puts_budgets_caps_levels_and_averaged_power_on_rows():
     # r2: its own 60 W is tighter than 70 W; a stale governor row does not overwrite power.
     assert (r2["budget_w"], r2["power_w"], r2["cap_w"]) == (60.0, 50.0, None)
     assert (r3["budget_w"], r3["cap_w"], r3["throttle"]["level"]) == (70.0, None, 0)
+
+
+def test_nodes_sum_their_serving_replicas_against_the_tighter_node_budget():
+    rows = [
+        {"id": "a1", "up": True, "power_w": 100.0, "tokens_per_s": 40.0, "node": "head"},
+        {"id": "a2", "up": False, "power_w": 90.0, "tokens_per_s": 30.0, "node": "head"},  # down: not drawing
+        {"id": "b1", "up": True, "power_w": 70.0, "tokens_per_s": 25.0, "node": "worker"},
+        {
+            "id": "c1",
+            "up": True,
+            "power_w": 10.0,
+            "tokens_per_s": 1.0,
+            "node": None,
+        },  # the governor has not heard of it
+    ]
+    nodes = node_rows(rows, {"node_w": 150.0, "nodes": {"worker": 60.0, "gone": 10.0}})
+    assert nodes == [
+        {"node": "head", "replicas": ["a1", "a2"], "up": 1, "power_w": 100.0, "tokens_per_s": 40.0, "budget_w": 150.0},
+        {"node": "worker", "replicas": ["b1"], "up": 1, "power_w": 70.0, "tokens_per_s": 25.0, "budget_w": 60.0},
+    ]
+    assert node_rows(rows, {"node_w": None, "nodes": {}})[0]["budget_w"] is None

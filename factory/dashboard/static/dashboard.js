@@ -325,6 +325,19 @@
       meterCell(r.kv_cache_usage))), "No replicas");
   }
 
+  function renderNodes(state) {
+    const nodes = state.nodes || [];
+    fillBody($("node-table"), nodes.map((n) => {
+      const over = num(n.budget_w) !== null && num(n.power_w) > num(n.budget_w);
+      return el("tr", { "data-node": n.node },
+        el("td", { title: `${n.node}: ${(n.replicas || []).join(", ")}` }, String(n.node).slice(0, 12)),
+        el("td", { class: "num" }, `${fmtInt(n.up)} / ${fmtInt((n.replicas || []).length)}`),
+        el("td", { class: over ? "num over" : "num" }, fmtW(n.power_w)),
+        el("td", { class: "num" }, num(n.budget_w) === null ? "none" : fmtW(n.budget_w)),
+        el("td", { class: "num" }, fixed(num(n.tokens_per_s), 1)));
+    }), "No nodes reported yet");
+  }
+
   function renderTenants() {
     const { key, dir } = tenantSort;
     const tenants = ((lastState && lastState.tenants) || []).slice().sort((a, b) => {
@@ -366,6 +379,7 @@
     renderSite(state);
     renderRates(state);
     renderReplicas(state);
+    renderNodes(state);
     renderTenants();
     renderAlarms(state);
   }
