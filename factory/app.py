@@ -25,6 +25,7 @@ from factory.engine.server import FactoryLLMServer, LocalModelCallback
 from factory.engine.wire import SchedulerSettings
 from factory.hub import StateHub
 from factory.launcher import ENGINE_DEPLOYMENT, resolve_models
+from factory.metering import rates
 from factory.metering.service import LedgerService
 from factory.models import ResolvedModel
 from factory.power.governor import PowerGovernor
@@ -176,6 +177,8 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         "local_only": cfg.auth == "disabled" and not cfg.server.allow_unauthenticated,
         "max_model_len": {m.served_name: m.max_model_len for m in cfg.models},
         "precision_reference": {m.served_name: m.precision_reference for m in cfg.models},
+        # What each model's tokens cost in factory tokens, the unit packages are sold in.
+        "rates": {m.served_name: rates.for_model(m, cfg.scheduler, gpu)[0] for m in cfg.models},
     }
     shape = next(iter(configs.values()))
     options: dict = {

@@ -80,6 +80,29 @@ class RayConfig(_Strict):
     dashboard: bool = Field(False, description="Start Ray's own dashboard (costs memory and a process).")
 
 
+class RatesConfig(_Strict):
+    """Factory tokens per raw token of this model (factory/metering/rates.py): what a package's
+    tokens buy here. 1 / 1 / 1 (the default) bills the raw count."""
+
+    input: Decimal = Field(Decimal(1), ge=0, description="Per prompt token computed fresh.")
+    cached_input: Decimal | None = Field(
+        None, ge=0, description="Per prompt token served from the prefix cache; default: the input rate."
+    )
+    output: Decimal = Field(Decimal(1), ge=0, description="Per generated token.")
+
+    @model_validator(mode="after")
+    def _cached_is_not_dearer(self) -> RatesConfig:
+        if self.cached_input is not None and self.cached_input > self.input:
+            raise ValueError(f"cached_input ({self.cached_input}) must not exceed input ({self.input})")
+        return self
+
+    def rates(self):
+        from factory.metering.rates import Rates
+
+        cached = self.input if self.cached_input is None else self.cached_input
+        return Rates(input=self.input, cached_input=cached, output=self.output)
+
+
 class ModelConfig(_Strict):
     name: str | None = Field(None, description="Model id clients send as `model`. Defaults to the source's short name.")
     source: str = Field(
@@ -139,6 +162,22 @@ class ModelConfig(_Strict):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra vLLM engine arguments, passed through unchanged (e.g. enable_prefix_caching).",
+    )
+    rates: RatesConfig | Literal["auto"] = Field(
+        default_factory=RatesConfig,
+        description=(
+            "What this model's tokens cost in factory tokens (the unit packages are sold in): "
+            "{input, cached_input, output} per raw token, or auto: derived from the model's energy "
+            "profile against the reference (one factory token buys about the same energy on every "
+            "model; `factory rates CONFIG` shows the derivation)."
+        ),
+    )
+    energy_profile: str | None = Field(
+        None,
+        description=(
+            "The energy profile that prices this model under rates: auto (a path); default: the one "
+            "scheduler.profile names for its device."
+        ),
     )
 
     @field_validator("name")
@@ -615,6 +654,16 @@ class FactoryConfig(_Strict):
                 "scheduler.policy is energy but telemetry.enabled is false: the energy scheduler steers by "
                 "measured power; set telemetry.enabled: true, or scheduler.policy: stock"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _auto_rates_have_a_profile(self) -> FactoryConfig:
+        for m in self.models:
+            if m.rates == "auto" and m.energy_profile is None and self.scheduler.profile is None:
+                raise ValueError(
+                    f"model {m.served_name}: rates: auto prices by an energy profile, and none is named: set "
+                    "the model's energy_profile, scheduler.profile, or explicit rates"
+                )
         return self
 
     @property

@@ -6,8 +6,9 @@ vLLM's serving classes turn an OpenAI request into engine requests by calling
 read any output. The replica hands them a `MeteredEngineClient` in place of vLLM's engine
 client, so at that call the factory learns what the engine will run (the tokenized prompt, the
 resolved `max_tokens`, `n`) without tokenizing anything twice. Its worst case (prompt +
-max_tokens x n) is reserved once, before the first engine request starts: a refusal (401, 403,
-429, a power-shed 503) is an HTTP error before any byte of a stream is sent. The engine
+max_tokens x n, in factory tokens at the model's rates) is reserved once, before the first
+engine request starts: a refusal (401, 403, 429, a power-shed 503) is an HTTP error before any
+byte of a stream is sent. The engine
 requests then carry the stamps the engine meter books energy by (ledger id, tenant, priority);
 a client cannot set them.
 
@@ -28,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from factory.engine.meter import XARG_PRIORITY, XARG_REQUEST, XARG_TENANT
+from factory.metering.rates import RAW, Rates
 
 # vLLM's priority scheduling runs lower numbers first.
 PRIORITY_VALUE = {"high": 0, "standard": 1, "low": 2}
@@ -52,7 +54,7 @@ class Ticket:
     key: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")  # the ledger's id; never the client's
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     created_unix: int = field(default_factory=lambda: int(time.time()))
-    worst_tokens: int = 0  # prompt + max_tokens x n over every engine request it makes
+    worst_tokens: int = 0  # factory tokens (metering/rates.py) of prompt + max_tokens x n, every engine request
     prompt_tokens: int = 0  # over every engine request
     served_tokens: int = 0  # output tokens the engine handed to vLLM's serving code (to send to the client)
     parts: int = 0  # engine requests (n per prompt), each reporting its own energy under `key`
@@ -66,9 +68,9 @@ class Ticket:
     _admission: asyncio.Task | None = None
     _admit: Callable[[Ticket], Awaitable[None]] | None = None
 
-    def plan(self, prompt_tokens: int, max_tokens: int, n: int) -> None:
-        """vLLM is about to run one engine request of this API request."""
-        self.worst_tokens += prompt_tokens + max_tokens * n
+    def plan(self, prompt_tokens: int, max_tokens: int, n: int, rates: Rates = RAW) -> None:
+        """vLLM is about to run one engine request of this API request, of a model billed at `rates`."""
+        self.worst_tokens += rates.worst(prompt_tokens, max_tokens * n)
         self.prompt_tokens += prompt_tokens
         self.parts += n
         self.calls += 1
@@ -98,10 +100,11 @@ class MeteredEngineClient:
     Everything but `generate` is the wrapped client's own. `prompt_len(prompt)` is vLLM's own
     count of an engine input's prompt tokens."""
 
-    def __init__(self, engine: Any, prompt_len: Callable[[Any], int], priorities: bool):
+    def __init__(self, engine: Any, prompt_len: Callable[[Any], int], priorities: bool, rates: Rates = RAW):
         self._engine = engine
         self._prompt_len = prompt_len
         self._priorities = priorities  # engines schedule by priority class (the energy-aware scheduler)
+        self._rates = rates  # the model's, in factory tokens: what its worst case reserves
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -112,7 +115,7 @@ class MeteredEngineClient:
             return self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
         n = getattr(sampling_params, "n", 1) or 1
         max_tokens = getattr(sampling_params, "max_tokens", None) or 0
-        ticket.plan(self._prompt_len(prompt), max_tokens, n)
+        ticket.plan(self._prompt_len(prompt), max_tokens, n, self._rates)
         return self._run(ticket, prompt, sampling_params, request_id, args, kwargs)
 
     async def _run(

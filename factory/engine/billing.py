@@ -21,6 +21,7 @@ from factory.api.admission import Ticket
 from factory.engine.replica_meter import ReplicaMeter
 from factory.engine.wire import Final
 from factory.metering.cost import CostModel, money_json
+from factory.metering.rates import RAW, Rates
 
 log = logging.getLogger("factory.engine")
 
@@ -28,7 +29,16 @@ FINAL_RECORD_TIMEOUT_S = 5.0
 
 
 class Billing:
-    def __init__(self, meter: ReplicaMeter | None, cost: CostModel, ledger: DeploymentHandle, model: str, replica: str):
+    def __init__(
+        self,
+        meter: ReplicaMeter | None,
+        cost: CostModel,
+        ledger: DeploymentHandle,
+        model: str,
+        replica: str,
+        rates: Rates = RAW,
+    ):
+        self._rates = rates  # the model's factory tokens per raw token (metering/rates.py)
         self._meter = meter
         self._cost = cost
         self._ledger = ledger
@@ -46,8 +56,12 @@ class Billing:
         rec = await self._final(ticket)
         source = rec.source if rec else ("missing" if self._meter else "off")
         energy_j, busy_s = (rec.energy_j, rec.busy_s) if rec else (0.0, 0.0)
-        cost = await self._charge(ticket, (prompt_tokens, completion_tokens), energy_j, busy_s, source, "completed")
+        cached = rec.cached_tokens if rec else 0  # without the engine's record: billed as fresh prompt
+        cost, billed = await self._charge(
+            ticket, (prompt_tokens, completion_tokens), energy_j, busy_s, source, "completed", cached
+        )
         return {
+            "factory_tokens": billed,
             "energy_joules": round(energy_j, 6),
             "energy_source": source,
             "cost": money_json(cost, self._cost.currency),
@@ -77,16 +91,26 @@ class Billing:
                 return
             status = "failed" if ticket.engine_failed and rec.status != "aborted" else "aborted"
             tokens = (rec.prompt_tokens, rec.completion_tokens)
-            await self._charge(ticket, tokens, rec.energy_j, rec.busy_s, rec.source, status)
+            await self._charge(ticket, tokens, rec.energy_j, rec.busy_s, rec.source, status, rec.cached_tokens)
         except Exception:
             log.exception("settling unfinished request %s failed", ticket.key)
 
     async def _charge(
-        self, ticket: Ticket, tokens: tuple[int, int], energy_j: float, busy_s: float, source: str, status: str
-    ) -> Decimal:
-        """Price a request and settle it in the ledger; returns once the row is committed."""
+        self,
+        ticket: Ticket,
+        tokens: tuple[int, int],
+        energy_j: float,
+        busy_s: float,
+        source: str,
+        status: str,
+        cached_tokens: int = 0,
+    ) -> tuple[Decimal, int]:
+        """Price a request and settle it in the ledger; returns (cost, factory tokens billed) once
+        the row is committed."""
         finished = datetime.now(UTC)
         cost = self._cost.cost(energy_j=energy_j, busy_s=busy_s, at=finished)
+        cached_tokens = min(cached_tokens, tokens[0])
+        billed = self._rates.billed(tokens[0], cached_tokens, tokens[1])
         await self._ledger.settle.remote(
             {
                 "request_id": ticket.key,
@@ -103,9 +127,11 @@ class Billing:
                 "started_at": ticket.started,
                 "finished_at": finished,
                 "reserved": ticket.reserved,
+                "cached_tokens": cached_tokens,
+                "billed_tokens": billed,
             }
         )
-        return cost
+        return cost, billed
 
     async def _final(self, ticket: Ticket) -> Final | None:
         if self._meter is None:

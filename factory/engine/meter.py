@@ -79,6 +79,7 @@ class _Tracked:
     arrival_s: float  # wall clock, as the front end stamped the request
     output_tok: int = 0
     first_token_s: float | None = None  # wall clock
+    cached_tok: int = 0  # prompt tokens the prefix cache held when it was first scheduled
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +185,11 @@ class EngineMeter:
             work: dict[str, StepWork] = {}
             for rid, n in num_scheduled_tokens.items():
                 req = requests[rid]
+                before = req.num_computed_tokens - n  # the scheduler has already advanced it
                 if rid not in self._tracked:
                     self._track(rid, req)
-                before = req.num_computed_tokens - n  # the scheduler has already advanced it
+                    # Computed before its first step: a prefix cache hit (billed at the cached rate).
+                    self._tracked[rid].cached_tok = min(max(0, before), req.num_prompt_tokens)
                 prefill = min(n, max(0, req.num_prompt_tokens - before))
                 work[rid] = StepWork(prefill_tok=prefill, decode_tok=n - prefill)
             self._pending.append((step_key, work))
@@ -292,6 +295,7 @@ class EngineMeter:
                     busy_s=busy_s,
                     prompt_tokens=t.prompt_tok,
                     completion_tokens=t.output_tok,
+                    cached_tokens=t.cached_tok,
                     source=self.source.source,
                     ttft_s=ttft_s,
                     tpot_s=tpot_s,

@@ -86,10 +86,11 @@ class FactoryLLMServer(LLMServer):
             self._meter.export_engine_env()  # before the engine (and its EngineCore process) starts
             self._meter.start()
         cost = cost_model(settings["cost"])
+        self._rates = settings["rates"][self._model]
         self._ctx = ReplicaContext(
             model=self._model,
             models=dict(settings["max_model_len"]),
-            billing=Billing(self._meter, cost, ledger, self._model, self._replica_id),
+            billing=Billing(self._meter, cost, ledger, self._model, self._replica_id, self._rates),
             hub=hub,
             ledger=ledger,
             governor=governor,
@@ -115,7 +116,12 @@ class FactoryLLMServer(LLMServer):
             await self.start()
             serving = serving_objects(self.engine)
         serving.install_engine_client(
-            MeteredEngineClient(serving.engine_client, serving.prompt_len, priorities=self._scheduler is not None)
+            MeteredEngineClient(
+                serving.engine_client,
+                serving.prompt_len,
+                priorities=self._scheduler is not None,
+                rates=self._rates,
+            )
         )
         self._ctx.serving = serving
         loop = asyncio.get_running_loop()

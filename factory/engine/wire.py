@@ -98,6 +98,7 @@ class Final(msgspec.Struct, frozen=True, tag="final"):
     source: str  # nvml | modeled
     ttft_s: float | None = None
     tpot_s: float | None = None
+    cached_tokens: int = 0  # of prompt_tokens, found in the prefix cache
 
 
 class Snapshot(msgspec.Struct, frozen=True, tag="snapshot"):

@@ -252,6 +252,40 @@ def _print_table(headers, rows) -> None:
 # -- argparse -----------------------------------------------------------------------------
 
 
+def _rates(args: argparse.Namespace) -> int:
+    """Each model's rates (and how `auto` derived them) and what a pack buys on it."""
+    from factory.config import ConfigError, load_config
+    from factory.metering.rates import price_list
+    from factory.policy.profile import ProfileError
+
+    try:
+        cfg = load_config(args.config)
+        pack_price = Decimal(args.pack_price)
+        rows = price_list(cfg, args.device == "cuda", args.pack_tokens, pack_price, args.prompt, args.output)
+    except (ConfigError, ProfileError, ValueError, ArithmeticError, OSError) as err:
+        print(f"factory: {err}", file=sys.stderr)
+        return 2
+    currency = cfg.cost.currency if args.currency is None else args.currency
+    print(f"1 factory token = the energy of one output token of the reference model; a pack of "
+          f"{args.pack_tokens:,} factory tokens for {pack_price} {currency}; requests of {args.prompt} prompt + "
+          f"{args.output} output tokens, no prefix hit")  # fmt: skip
+    for r in rows:
+        print(f"\n{r.model}: input {r.rates.input}, cached input {r.rates.cached_input}, output {r.rates.output} "
+              f"factory tokens per token")  # fmt: skip
+        if r.derivation is not None:
+            d = r.derivation
+            prefill = (
+                "none (input priced as output)" if d.prefill_j_per_tok is None else f"{d.prefill_j_per_tok:.4g} J/token"
+            )
+            print(f"  auto: {d.profile} at batch {d.batch}: decode {d.decode_j_per_tok:.4g} J/token, prefill "
+                  f"{prefill}; reference {d.reference} at batch {d.reference_batch}: "
+                  f"{d.reference_j_per_tok:.4g} J/token")  # fmt: skip
+        energy = "unknown" if r.energy_j is None else f"{r.energy_j[0]:.3g} J ({r.energy_j[1]})"
+        print(f"  a request: {r.per_request} factory tokens, {format(r.price_per_request, '.6f')} {currency}, "
+              f"energy {energy}; the pack buys {r.requests:,} requests")  # fmt: skip
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register `tenants`, `keys`, `packages`, `ledger` and `usage` on the `factory` command."""
 
@@ -264,6 +298,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         )
         p.set_defaults(func=func)
         return p
+
+    p = sub.add_parser("rates", help="each model's factory-token rates, how auto derives them, what a pack buys")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="price the models as on this device")
+    p.add_argument("--pack-tokens", type=int, default=400_000, help="factory tokens in a pack (default 400000)")
+    p.add_argument("--pack-price", default="1", help="what a pack costs (default 1)")
+    p.add_argument("--currency", default=None, help="the pack's currency (default: the config's cost.currency)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens of a request (default 512)")
+    p.add_argument("--output", type=int, default=256, help="output tokens of a request (default 256)")
+    p.set_defaults(func=_rates)
 
     tenants = sub.add_parser("tenants", help="who may use the factory").add_subparsers(
         dest="tenants_command", required=True

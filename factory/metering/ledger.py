@@ -356,18 +356,21 @@ class Ledger:
         with self.transaction(write=False) as db:
             where, params = _usage_filter(db, tenant, since, None)
             rows = db.execute(
-                "SELECT t.name, u.prompt_tokens, u.completion_tokens, u.energy_j, u.cost, u.currency"
-                " FROM usage u JOIN tenants t ON t.id = u.tenant_id" + where,
+                "SELECT t.name, u.prompt_tokens, u.completion_tokens, u.energy_j, u.cost, u.currency, u.cached_tokens,"
+                " u.billed_tokens FROM usage u JOIN tenants t ON t.id = u.tenant_id" + where,
                 **params,
             ).fetchall()
         # Summed here, not by SQL SUM(cost): that would turn the TEXT money into floats.
         totals: dict[tuple[str, str], dict] = {}
-        for name, prompt_tok, completion_tok, energy_j, cost, currency in rows:
+        for name, prompt_tok, completion_tok, energy_j, cost, currency, cached_tok, billed_tok in rows:
             t = totals.setdefault((name, currency), dict(tenant=name, requests=0, prompt_tokens=0,
-                completion_tokens=0, energy_j=0.0, cost=Decimal(0), currency=currency))  # fmt: skip
+                completion_tokens=0, cached_tokens=0, billed_tokens=0, energy_j=0.0, cost=Decimal(0),
+                currency=currency))  # fmt: skip
             t["requests"] += 1
             t["prompt_tokens"] += prompt_tok
             t["completion_tokens"] += completion_tok
+            t["cached_tokens"] += cached_tok
+            t["billed_tokens"] += billed_tok
             t["energy_j"] += energy_j
             t["cost"] += Decimal(cost)
         return [totals[k] for k in sorted(totals)]
@@ -392,16 +395,19 @@ def _settle_args(
     started_at: datetime | None = None,
     finished_at: datetime | None = None,
     reserved: bool = False,
-) -> dict:
+    cached_tokens: int = 0,
+    billed_tokens: int | None = None,
+) -> tuple:
     """`factory_settle`'s arguments, in order, checked as settlement.settle checks them."""
-    settlement.check(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, energy_j=energy_j,
-                     currency=currency, status=status, cost=cost)  # fmt: skip
+    billed = settlement.check(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, energy_j=energy_j,
+                              currency=currency, status=status, cost=cost, cached_tokens=cached_tokens,
+                              billed_tokens=billed_tokens)  # fmt: skip
     if not reserved:
         check_name(tenant)  # it may be a new tenant
     return (
         request_id, tenant, prompt_tokens, completion_tokens, float(energy_j), energy_source, money_text(cost, "cost"),
         currency, model, replica, status, when_text(started_at), when_text(finished_at or utcnow()), bool(reserved),
-        when_text(utcnow()),
+        when_text(utcnow()), cached_tokens, billed,
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from factory.metering import store
 from factory.metering.ledger import Ledger
-from factory.metering.schema import LedgerError, v1_tables
+from factory.metering.schema import LedgerError
 
 # Parents before children, so every foreign key finds its row.
 TABLES = ("tenants", "api_keys", "packages", "reservations", "reservation_parts", "usage")
@@ -24,7 +24,7 @@ TABLES = ("tenants", "api_keys", "packages", "reservations", "reservation_parts"
 @dataclasses.dataclass(frozen=True)
 class Totals:
     rows: dict[str, int]
-    tokens: dict[str, int]  # packages' total/used/reserved, usage's prompt/completion/overage
+    tokens: dict[str, int]  # packages' total/used/reserved, usage's prompt/completion/overage/cached/billed
     energy_j: float
     cost: dict[str, Decimal]  # by currency
 
@@ -44,7 +44,7 @@ def totals_in(db: store.Db) -> Totals:
     ).fetchone()
     u = db.execute(
         "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0),"
-        " COALESCE(SUM(overage_tokens), 0) FROM usage"
+        " COALESCE(SUM(overage_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(billed_tokens), 0) FROM usage"
     ).fetchone()
     # Money and energy summed here, in one order (Python's, not a collation's): SQL would sum the
     # TEXT money as floats, and floats summed in another order can differ in the last bit.
@@ -53,7 +53,7 @@ def totals_in(db: store.Db) -> Totals:
     for _, amount, currency, energy_j in sorted(db.execute("SELECT request_id, cost, currency, energy_j FROM usage")):
         cost[currency] = cost.get(currency, Decimal(0)) + Decimal(amount)
         energy += energy_j
-    names = ("granted", "used", "reserved", "prompt", "completion", "overage")
+    names = ("granted", "used", "reserved", "prompt", "completion", "overage", "cached", "billed")
     return Totals(rows, dict(zip(names, (int(n) for n in (*p, *u)), strict=True)), energy, dict(sorted(cost.items())))
 
 
@@ -63,12 +63,12 @@ def copy(source: Ledger, target: Ledger) -> Totals:
     if source.url == target.url:
         raise LedgerError("the source and the target are the same ledger")
     metadata = sa.MetaData()
-    v1_tables(metadata)
     with target.transaction() as out, source.transaction(write=False) as src:
         if out.execute("SELECT COUNT(*) FROM tenants").scalar():
             raise LedgerError(f"{target.where} already holds a ledger: migrate only into an empty one")
+        # Both opened at this factory's schema version: the source's columns are the target's.
         for name in TABLES:
-            table = metadata.tables[name]
+            table = sa.Table(name, metadata, autoload_with=src.conn)
             rows = [dict(r._mapping) for r in src.conn.execute(sa.select(table))]
             if rows:
                 out.conn.execute(table.insert(), rows)

@@ -18,7 +18,7 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PRIORITY_CLASSES = ("high", "standard", "low")  # highest first
 STATUSES = ("completed", "aborted", "failed")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -124,13 +124,29 @@ def v1_tables(metadata: sa.MetaData) -> None:
 
 
 # Version -> the step that takes a ledger from the version before to it, run in one transaction.
-MIGRATIONS = {1: lambda conn: _create(conn, v1_tables), 2: lambda conn: _procedures(conn)}
+MIGRATIONS = {
+    1: lambda conn: _create(conn, v1_tables),
+    2: lambda conn: _procedures(conn, 2),
+    3: lambda conn: _v3_token_unit(conn),
+}
 
 
-def _procedures(conn) -> None:
+def _procedures(conn, version: int) -> None:
     from factory.metering import procedures  # (it imports this module)
 
-    procedures.install(conn)
+    procedures.install(conn, version)
+
+
+def _v3_token_unit(conn) -> None:
+    """One token unit across models (metering/rates.py): a usage row keeps the raw counts and
+    adds the prompt tokens served from the prefix cache and what was charged, in factory tokens.
+    Rows from before were charged their raw count."""
+    for column in ("cached_tokens", "billed_tokens"):
+        conn.exec_driver_sql(
+            f"ALTER TABLE usage ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0 CHECK ({column} >= 0)"
+        )
+    conn.exec_driver_sql("UPDATE usage SET billed_tokens = prompt_tokens + completion_tokens")
+    _procedures(conn, 3)
 
 
 def _create(conn, tables) -> None:
@@ -198,6 +214,8 @@ class UsageRecord:
     status: str  # completed | aborted | failed
     started_at: datetime | None
     finished_at: datetime
+    cached_tokens: int = 0  # of prompt_tokens, served from the prefix cache
+    billed_tokens: int = 0  # what was charged, in factory tokens (metering/rates.py)
 
 
 def utcnow() -> datetime:
@@ -226,8 +244,8 @@ PACKAGE_SQL = (
 )
 USAGE_SQL = (
     "SELECT u.request_id, t.name, u.model, u.replica, u.prompt_tokens, u.completion_tokens, u.overage_tokens,"
-    " u.energy_j, u.energy_source, u.cost, u.currency, u.status, u.started_at, u.finished_at"
-    " FROM usage u JOIN tenants t ON t.id = u.tenant_id"
+    " u.energy_j, u.energy_source, u.cost, u.currency, u.status, u.started_at, u.finished_at, u.cached_tokens,"
+    " u.billed_tokens FROM usage u JOIN tenants t ON t.id = u.tenant_id"
 )
 # Soonest expiry first, never-expiring last, then oldest grant: spend what would be lost first.
 SPEND_ORDER = "ORDER BY CASE WHEN p.expires_at IS NULL THEN 1 ELSE 0 END, p.expires_at, p.id"
@@ -248,8 +266,9 @@ def package_from(row) -> Package:
 
 def usage_from(row) -> UsageRecord:
     return UsageRecord(
-        *row[:7], float(row[7]), row[8], Decimal(row[9]), row[10], row[11], from_text(row[12]), from_text(row[13])
-    )
+        *row[:7], float(row[7]), row[8], Decimal(row[9]), row[10], row[11], from_text(row[12]), from_text(row[13]),
+        int(row[14]), int(row[15]),
+    )  # fmt: skip
 
 
 class LedgerError(Exception):

@@ -151,7 +151,7 @@ class LedgerService:
                 "status": 429,
                 "code": "insufficient_quota",
                 "message": (
-                    f"You exceeded your current quota: this request may use up to {tokens} tokens "
+                    f"You exceeded your current quota: this request may cost up to {tokens} factory tokens "
                     f"and tenant '{tenant}' has {err.available} left. Buy or be granted a token package."
                 ),
             }

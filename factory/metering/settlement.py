@@ -47,12 +47,16 @@ def settle(
     started_at: datetime | None = None,
     finished_at: datetime | None = None,
     reserved: bool = False,
+    cached_tokens: int = 0,
+    billed_tokens: int | None = None,
 ) -> UsageRecord:
-    """Charge `request_id` what it used. `reserved`: it was admitted with a reservation; if that is
-    gone (it outlived its ttl and was released), the tokens are charged from whatever the tenant
+    """Charge `request_id` what it used: `billed_tokens` factory tokens (metering/rates.py; by
+    default the raw count, prompt + completion). `reserved`: it was admitted with a reservation;
+    if that is gone (it outlived its ttl and was released), it is charged from whatever the tenant
     has left, the rest recorded as overage: served is paid for, late or not."""
-    check(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, energy_j=energy_j, currency=currency,
-          status=status, cost=cost)  # fmt: skip
+    billed_tokens = check(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, energy_j=energy_j,
+                          currency=currency, status=status, cost=cost, cached_tokens=cached_tokens,
+                          billed_tokens=billed_tokens)  # fmt: skip
     if existing := db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone():
         return usage_from(existing)  # a retried settlement must not charge twice
     cost_text = money_text(cost, "cost")
@@ -67,12 +71,12 @@ def settle(
         owner_id = tenant_id(db, tenant)
     elif held is None:  # reserved once, but the reservation expired before this settlement
         owner_id = tenant_id(db, tenant)
-        overage_tok = charge_available(db, owner_id, prompt_tokens + completion_tokens, finished_at)
+        overage_tok = charge_available(db, owner_id, billed_tokens, finished_at)
     else:
         owner_id, holder = held
         if holder != tenant:
             raise LedgerError(f"request {request_id!r} was reserved for {holder!r}, not {tenant!r}")
-        left = prompt_tokens + completion_tokens
+        left = billed_tokens
         parts = db.execute(
             "SELECT package_id, tokens FROM reservation_parts WHERE request_id = :r ORDER BY seq", r=request_id
         ).fetchall()
@@ -90,26 +94,36 @@ def settle(
         overage_tok = charge_available(db, owner_id, left, finished_at)
     db.execute(
         "INSERT INTO usage (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens, overage_tokens,"
-        " energy_j, energy_source, cost, currency, status, started_at, finished_at)"
+        " energy_j, energy_source, cost, currency, status, started_at, finished_at, cached_tokens, billed_tokens)"
         " VALUES (:r, :tenant_id, :model, :replica, :prompt, :completion, :overage, :energy_j, :source, :cost,"
-        " :currency, :status, :started_at, :finished_at)",
+        " :currency, :status, :started_at, :finished_at, :cached, :billed)",
         r=request_id, tenant_id=owner_id, model=model, replica=replica, prompt=prompt_tokens,
         completion=completion_tokens, overage=overage_tok, energy_j=float(energy_j), source=energy_source,
         cost=cost_text, currency=currency, status=status, started_at=when_text(started_at),
-        finished_at=when_text(finished_at),
+        finished_at=when_text(finished_at), cached=cached_tokens, billed=billed_tokens,
     )  # fmt: skip
     return usage_from(db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone())
 
 
-def check(*, prompt_tokens, completion_tokens, energy_j, currency, status, cost) -> None:
-    """A settlement's values, checked before anything is written (on either backend)."""
+def check(
+    *, prompt_tokens, completion_tokens, energy_j, currency, status, cost, cached_tokens=0, billed_tokens=None
+) -> int:
+    """A settlement's values, checked before anything is written (on either backend); what it
+    charges, in factory tokens."""
     check_count(prompt_tokens, "prompt_tokens")
     check_count(completion_tokens, "completion_tokens")
+    check_count(cached_tokens, "cached_tokens")
+    if cached_tokens > prompt_tokens:
+        raise LedgerError(f"cached_tokens ({cached_tokens}) exceeds prompt_tokens ({prompt_tokens})")
+    if billed_tokens is None:
+        billed_tokens = prompt_tokens + completion_tokens  # the raw count: rates of 1
+    check_count(billed_tokens, "billed_tokens")
     check_real(energy_j, "energy_j")
     check_currency(currency)
     if status not in STATUSES:
         raise LedgerError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
     money_text(cost, "cost")
+    return billed_tokens
 
 
 def charge_available(db, tenant_id: int, tokens: int, at: datetime) -> int:

@@ -116,3 +116,35 @@ def test_an_engine_failure_marks_the_ticket_and_requests_without_a_ticket_pass_s
 
 async def _drain(gen) -> list:
     return [out async for out in gen]
+
+
+def test_the_worst_case_is_weighed_at_the_models_rates():
+    """A model billed 0.5 a prompt token and 3 an output token reserves 0.5 x prompt + 3 x
+    max_tokens x n factory tokens per engine request, each rounded up."""
+    from decimal import Decimal
+
+    from factory.metering.rates import Rates
+
+    rates = Rates(input=Decimal("0.5"), cached_input=Decimal("0.1"), output=Decimal("3"))
+    engine, admitted = ScriptedEngine(), []
+
+    async def admit(ticket: Ticket) -> None:
+        admitted.append(ticket.worst_tokens)
+
+    async def scenario():
+        ticket = Ticket(token="k", client_usage=True, _admit=admit)
+        token = CURRENT_TICKET.set(ticket)
+        try:
+            c = MeteredEngineClient(
+                engine, prompt_len=lambda p: len(p["prompt_token_ids"]), priorities=False, rates=rates
+            )
+            gens = [
+                c.generate({"prompt_token_ids": [1] * 11}, params(20), "cmpl-2-0"),
+                c.generate({"prompt_token_ids": [1] * 4}, params(6, n=2), "cmpl-2-1"),
+            ]
+        finally:
+            CURRENT_TICKET.reset(token)
+        await asyncio.gather(*[_drain(g) for g in gens])
+
+    asyncio.run(scenario())
+    assert admitted == [(6 + 60) + (2 + 36)]  # ceil(5.5 + 60) + (2 + 3 x 12)

@@ -24,7 +24,8 @@ from factory.metering.ledger import (
     UnknownTenant,
     default_ledger,
 )
-from factory.metering.schema import SCHEMA_VERSION
+from factory.metering.rates import Rates
+from factory.metering.schema import MIGRATIONS, SCHEMA_VERSION
 
 # A year ahead, so packages expiring around it can still be granted whenever the tests run.
 T0 = (datetime.now(timezone.utc) + timedelta(days=365)).replace(microsecond=0)
@@ -522,7 +523,10 @@ def test_both_backends_keep_one_ledger_through_a_random_history(tmp_path, pg_url
                     if op == "reserve":
                         led.reserve(rid, tenant, a, ttl_s=rng_ttl(step), now=now)
                     elif op in ("settle", "late", "free"):
-                        settle(led, rid, tenant, a // 2, b, finished_at=now, reserved=op != "free")
+                        # Billed in factory tokens at 1 / 0.5 / 2 (cached: a quarter of the prompt).
+                        billed = (a // 2 - a // 4) + (a // 4 + 1) // 2 + 2 * b
+                        settle(led, rid, tenant, a // 2, b, finished_at=now, reserved=op != "free",
+                               cached_tokens=a // 4, billed_tokens=billed)  # fmt: skip
                     elif op == "release":
                         outcomes.append(led.release(rid))
                     else:
@@ -532,8 +536,8 @@ def test_both_backends_keep_one_ledger_through_a_random_history(tmp_path, pg_url
                     outcomes.append(type(err).__name__)
             state = [(p.tenant, p.tokens_total, p.tokens_used, p.tokens_reserved) for t in "abc"
                      for p in led.list_packages(t)]  # fmt: skip
-            usage = sorted((u.request_id, u.tenant, u.prompt_tokens, u.completion_tokens, u.overage_tokens)
-                           for u in led.usage())  # fmt: skip
+            usage = sorted((u.request_id, u.tenant, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
+                            u.billed_tokens, u.overage_tokens) for u in led.usage())  # fmt: skip
             return outcomes, state, usage, [led.balance(t) for t in "abc"]
 
     def rng_ttl(step: int) -> float:
@@ -579,8 +583,116 @@ def test_usage_is_isolated_per_tenant_and_filtered_by_time(ledger):
         ledger.usage(tenant="nobody")
 
     summary = {s["tenant"]: s for s in ledger.usage_summary()}
-    assert summary["a"] == dict(tenant="a", requests=3, prompt_tokens=3, completion_tokens=6, energy_j=3.75,
-                                cost=Decimal("0.000000000003"), currency="CNY")  # fmt: skip
+    assert summary["a"] == dict(tenant="a", requests=3, prompt_tokens=3, completion_tokens=6, cached_tokens=0,
+                                billed_tokens=9, energy_j=3.75, cost=Decimal("0.000000000003"),
+                                currency="CNY")  # fmt: skip
     assert summary["b"]["requests"] == 2
     assert [s["tenant"] for s in ledger.usage_summary(tenant="b")] == ["b"]
     assert ledger.usage_summary(since=T0 + timedelta(minutes=4))[0]["requests"] == 1
+
+
+# -- one token unit (metering/rates.py) ----------------------------------------------------
+
+
+def test_settle_charges_the_billed_factory_tokens_and_keeps_the_raw_counts(ledger):
+    rates = Rates(input=Decimal("0.5"), cached_input=Decimal("0.05"), output=Decimal("2.5"))
+    ledger.create_tenant("acme")
+    package = ledger.grant_package("acme", 1_000)
+    worst = rates.worst(prompt_tokens=40, max_output_tokens=30)  # 20 + 75
+    assert worst == 95
+    ledger.reserve("r1", "acme", worst, ttl_s=60)
+    billed = rates.billed(prompt_tokens=40, cached_tokens=32, completion_tokens=7)  # 4 + 1.6 + 17.5 -> 24
+    assert billed == 24
+    record = settle(ledger, "r1", "acme", 40, 7, cached_tokens=32, billed_tokens=billed)
+    assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens, record.billed_tokens) == (
+        40,
+        7,
+        32,
+        24,
+    )
+    assert packages(ledger, "acme") == {package.id: (24, 0)}
+    # Without rates the raw count is billed, as before there were rates.
+    ledger.reserve("r2", "acme", 50, ttl_s=60)
+    assert settle(ledger, "r2", "acme", 10, 5).billed_tokens == 15
+    assert packages(ledger, "acme") == {package.id: (39, 0)}
+    with pytest.raises(LedgerError, match="cached_tokens"):
+        settle(ledger, "r3", "acme", 10, 5, cached_tokens=11)
+
+
+def test_two_models_at_different_rates_race_for_a_package_of_fifty_requests(target, ledger):
+    """200 requests at once, half for a model billed 1 / 1 / 1 and half for one billed 0.5 / 2.5
+    (each worst case 20 factory tokens), against 1,000 factory tokens: exactly 50 admitted; each
+    charged its billed count, nothing else."""
+    models = {"small": Rates(), "big": Rates(input=Decimal("0.5"), cached_input=Decimal("0.5"), output=Decimal("2.5"))}
+    shapes = {"small": (8, 12), "big": (10, 6)}  # (prompt, max_tokens): 8 + 12 = 20, 5 + 15 = 20
+    ledger.create_tenant("acme")
+    package = ledger.grant_package("acme", 1_000)
+    start, reserved_all = threading.Barrier(200, timeout=30), threading.Barrier(200, timeout=30)
+    won, lost, failures, billed = [], [], [], []
+
+    def worker(i: int) -> None:
+        model = "big" if i % 2 else "small"
+        prompt, max_tokens = shapes[model]
+        try:
+            start.wait()
+            try:
+                ledger.reserve(f"r{i}", "acme", models[model].worst(prompt, max_tokens), ttl_s=60)
+                won.append(i)
+            except QuotaExceeded:
+                lost.append(i)
+            reserved_all.wait()  # settling early would hand tokens back for a later reservation
+            if i in won:
+                completion = random.Random(i).randint(0, max_tokens)
+                charge = models[model].billed(prompt, 0, completion)
+                settle(ledger, f"r{i}", "acme", prompt, completion, billed_tokens=charge, model=model)
+                billed.append(charge)
+        except Exception as err:  # noqa: BLE001 - asserted below
+            failures.append(err)
+            start.abort()
+            reserved_all.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [f for f in failures if not isinstance(f, threading.BrokenBarrierError)] == []
+    assert (len(won), len(lost)) == (50, 150)
+    assert {i % 2 for i in won} == {0, 1}  # both models got in
+    assert packages(ledger, "acme") == {package.id: (sum(billed), 0)}
+    assert sum(u.billed_tokens for u in ledger.usage("acme")) == sum(billed)
+
+
+def test_a_ledger_from_before_rates_migrates_its_usage_to_raw_billing(target):
+    """A schema v2 ledger (no cached or billed counts) opened by this factory: its usage rows are
+    billed their raw count, and settlement goes on charging factory tokens."""
+    with Ledger(target) as led:  # today's schema, taken down below and rebuilt at v2
+        engine = raw_engine(led)
+    with engine.begin() as conn:
+        for table in ("usage", "reservation_parts", "reservations", "api_keys", "packages", "tenants"):
+            conn.execute(sa.text(f"DROP TABLE {table}"))
+        conn.execute(sa.text("DROP TABLE schema_version"))
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("DROP FUNCTION factory_settle(" + ", ".join(
+                ["text", "text", "bigint", "bigint", "double precision"] + ["text"] * 8 + ["boolean", "text", "bigint",
+                 "bigint"]) + ")"))  # fmt: skip
+            conn.execute(sa.text("DROP FUNCTION factory_reserve(text, text, bigint, text, text)"))
+            conn.execute(sa.text("DROP FUNCTION factory_charge_available(integer, bigint, text)"))
+        for version in (1, 2):
+            MIGRATIONS[version](conn)
+            conn.execute(sa.text("INSERT INTO schema_version (version) VALUES (:v)"), {"v": version})
+        conn.execute(sa.text("INSERT INTO tenants (name, priority, created_at) VALUES ('old', 'standard', :t)"),
+                     {"t": T0.isoformat()})  # fmt: skip
+        conn.execute(sa.text(
+            "INSERT INTO usage (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens,"
+            " overage_tokens, energy_j, energy_source, cost, currency, status, finished_at)"
+            " SELECT 'before', id, 'm', '', 3, 4, 0, 1.0, 'modeled', '0.1', 'CNY', 'completed', :t FROM tenants"
+        ), {"t": T0.isoformat()})  # fmt: skip
+    engine.dispose()
+    with Ledger(target) as led:
+        [old] = led.usage("old")
+        assert (old.prompt_tokens, old.completion_tokens, old.cached_tokens, old.billed_tokens) == (3, 4, 0, 7)
+        led.grant_package("old", 100)
+        led.reserve("after", "old", 30, ttl_s=60)
+        assert settle(led, "after", "old", 10, 10, cached_tokens=4, billed_tokens=13).billed_tokens == 13
+        assert led.balance("old")["used"] == 13
