@@ -50,6 +50,11 @@ def keys(tmp_path_factory) -> Keys:
     return Keys(tenant_key, admin_key, path)
 
 
+def tiny_model(model_dir, **extra) -> dict:
+    """The tiny test model as a config's `models` entry, with `extra` fields."""
+    return {"name": TINY_MODEL, "source": str(model_dir), "dtype": TINY_DTYPE, "max_model_len": TINY_CONTEXT, **extra}
+
+
 @pytest.fixture(scope="session")
 def tiny_factory(tiny_model_dir, tmp_path_factory, keys):
     """A running factory serving the tiny model with auth required; yields the FactoryProcess."""
@@ -58,15 +63,7 @@ def tiny_factory(tiny_model_dir, tmp_path_factory, keys):
     config = write_config(
         work / "factory.yaml",
         port=port,
-        models=[
-            {
-                "name": TINY_MODEL,
-                "source": str(tiny_model_dir),
-                "dtype": TINY_DTYPE,
-                "max_model_len": TINY_CONTEXT,
-                "max_num_seqs": 32,
-            }
-        ],
+        models=[tiny_model(tiny_model_dir, max_num_seqs=32)],
         auth="required",
         ledger={"path": str(keys.ledger_path)},
         # Levels fall after 1 s clear of their threshold (5 s by default), so power tests end quickly.

@@ -379,35 +379,15 @@ class Ledger:
 # -- inside a transaction -----------------------------------------------------------------
 
 
-def _settle_args(
-    request_id: str,
-    *,
-    tenant: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    energy_j: float,
-    energy_source: str,
-    cost: Decimal,
-    currency: str,
-    model: str,
-    replica: str = "",
-    status: str = "completed",
-    started_at: datetime | None = None,
-    finished_at: datetime | None = None,
-    reserved: bool = False,
-    cached_tokens: int = 0,
-    billed_tokens: int | None = None,
-) -> tuple:
+def _settle_args(request_id: str, **fields) -> tuple:
     """`factory_settle`'s arguments, in order, checked as settlement.settle checks them."""
-    billed = settlement.check(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, energy_j=energy_j,
-                              currency=currency, status=status, cost=cost, cached_tokens=cached_tokens,
-                              billed_tokens=billed_tokens)  # fmt: skip
-    if not reserved:
-        check_name(tenant)  # it may be a new tenant
+    s = settlement.checked(request_id, **fields)
+    if not s.reserved:
+        check_name(s.tenant)  # it may be a new tenant
     return (
-        request_id, tenant, prompt_tokens, completion_tokens, float(energy_j), energy_source, money_text(cost, "cost"),
-        currency, model, replica, status, when_text(started_at), when_text(finished_at or utcnow()), bool(reserved),
-        when_text(utcnow()), cached_tokens, billed,
+        s.request_id, s.tenant, s.prompt_tokens, s.completion_tokens, s.energy_j, s.energy_source, s.cost, s.currency,
+        s.model, s.replica, s.status, s.started_at, when_text(s.finished_at), s.reserved, when_text(utcnow()),
+        s.cached_tokens, s.billed_tokens,
     )  # fmt: skip
 
 

@@ -11,9 +11,9 @@ settlements and releases on both and compares every package afterwards, so the t
 ledger. Arguments are checked in Python before the call (schema.check_*), so the functions trust
 their types and ranges; what only the database can know comes back as an SQLSTATE of class LF.
 
-The SQL below is frozen, like schema.v1_tables: migration 2 creates these functions, and a change
-is a new migration that replaces them (migration 3: `factory_settle` charges factory tokens), so
-every process on every node runs the functions its schema version names.
+The SQL below is frozen, like schema.v1_tables: a migration creates these functions, and a change
+is a new migration that replaces them (migration 3 made `factory_settle` charge factory tokens),
+so every process on every node runs the functions its schema version names.
 """
 
 from __future__ import annotations
@@ -94,79 +94,9 @@ BEGIN
 END $$
 """
 
-# settlement.settle: charge what the request used; the usage row, as schema.USAGE_SQL selects it.
+# settlement.settle: charge what the request used (`p_billed` factory tokens); the usage row, as
+# schema.USAGE_SQL selects it. Since migration 3 (one token unit, metering/rates.py).
 _SETTLE = """
-CREATE OR REPLACE FUNCTION factory_settle(
-    p_request text, p_tenant text, p_prompt bigint, p_completion bigint, p_energy_j double precision,
-    p_source text, p_cost text, p_currency text, p_model text, p_replica text, p_status text,
-    p_started_at text, p_finished_at text, p_reserved boolean, p_now text
-) RETURNS TABLE (
-    o_request text, o_tenant text, o_model text, o_replica text, o_prompt bigint, o_completion bigint,
-    o_overage bigint, o_energy_j double precision, o_source text, o_cost text, o_currency text,
-    o_status text, o_started_at text, o_finished_at text
-) LANGUAGE plpgsql AS $$
-DECLARE
-    owner_id integer;
-    holder text;
-    remaining bigint;
-    overage bigint := 0;
-    part record;
-    charge bigint;
-BEGIN
-    PERFORM 1 FROM tenants WHERE name = p_tenant FOR UPDATE;
-    IF NOT EXISTS (SELECT 1 FROM usage WHERE request_id = p_request) THEN
-        SELECT r.tenant_id, t.name INTO owner_id, holder
-        FROM reservations r JOIN tenants t ON t.id = r.tenant_id WHERE r.request_id = p_request;
-        IF owner_id IS NULL AND NOT p_reserved THEN
-            -- never reserved (auth disabled): nothing to charge, only to record
-            INSERT INTO tenants (name, priority, created_at) VALUES (p_tenant, 'standard', p_now)
-            ON CONFLICT (name) DO NOTHING;
-            SELECT id INTO owner_id FROM tenants WHERE name = p_tenant;
-        ELSIF owner_id IS NULL THEN
-            -- reserved once, but the reservation expired before this settlement
-            SELECT id INTO owner_id FROM tenants WHERE name = p_tenant;
-            IF owner_id IS NULL THEN
-                RAISE EXCEPTION USING ERRCODE = 'LF001', MESSAGE = p_tenant;
-            END IF;
-            overage := factory_charge_available(owner_id, p_prompt + p_completion, p_finished_at);
-        ELSE
-            IF holder <> p_tenant THEN
-                RAISE EXCEPTION USING ERRCODE = 'LF004',
-                    MESSAGE = 'request ' || quote_literal(p_request) || ' was reserved for ' || quote_literal(holder)
-                              || ', not ' || quote_literal(p_tenant);
-            END IF;
-            remaining := p_prompt + p_completion;
-            FOR part IN SELECT package_id, tokens FROM reservation_parts WHERE request_id = p_request ORDER BY seq
-            LOOP
-                charge := LEAST(remaining, part.tokens);
-                UPDATE packages SET tokens_reserved = tokens_reserved - part.tokens,
-                                    tokens_used = tokens_used + charge
-                WHERE id = part.package_id;
-                remaining := remaining - charge;
-            END LOOP;
-            DELETE FROM reservation_parts WHERE request_id = p_request;
-            DELETE FROM reservations WHERE request_id = p_request;
-            IF remaining > 0 THEN  -- used more than reserved: take the excess from what is still available
-                overage := factory_charge_available(owner_id, remaining, p_finished_at);
-            END IF;
-        END IF;
-        INSERT INTO usage (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens,
-                           overage_tokens, energy_j, energy_source, cost, currency, status, started_at,
-                           finished_at)
-        VALUES (p_request, owner_id, p_model, p_replica, p_prompt, p_completion, overage, p_energy_j,
-                p_source, p_cost, p_currency, p_status, p_started_at, p_finished_at);
-    END IF;
-    RETURN QUERY
-        SELECT u.request_id, t.name, u.model, u.replica, u.prompt_tokens, u.completion_tokens,
-               u.overage_tokens, u.energy_j, u.energy_source, u.cost, u.currency, u.status, u.started_at,
-               u.finished_at
-        FROM usage u JOIN tenants t ON t.id = u.tenant_id WHERE u.request_id = p_request;
-END $$
-"""
-
-# Migration 3 (one token unit, metering/rates.py): the same, charging `p_billed` factory tokens
-# (the raw count before) and recording the cached prompt tokens and the billed count.
-_SETTLE_V3 = """
 CREATE OR REPLACE FUNCTION factory_settle(
     p_request text, p_tenant text, p_prompt bigint, p_completion bigint, p_energy_j double precision,
     p_source text, p_cost text, p_currency text, p_model text, p_replica text, p_status text,
@@ -245,8 +175,11 @@ _V2_SETTLE_SIGNATURE = (
     " boolean, text)"
 )
 MIGRATIONS = {
-    2: (_CHARGE_AVAILABLE, _RESERVE, _SETTLE),
-    3: (f"DROP FUNCTION {_V2_SETTLE_SIGNATURE}", _SETTLE_V3),
+    # Schema v2 also had a factory_settle charging the raw count (15 arguments); a ledger opened
+    # by this factory goes on to v3 in the same run, so only migration 3 creates the function,
+    # and drops the v2 one where a ledger was left at v2 by an older factory.
+    2: (_CHARGE_AVAILABLE, _RESERVE),
+    3: (f"DROP FUNCTION IF EXISTS {_V2_SETTLE_SIGNATURE}", _SETTLE),
 }
 
 

@@ -5,6 +5,7 @@ transaction that holds the tenant's write lock (store.py); plain SQL with `:name
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from decimal import Decimal
 
@@ -30,8 +31,29 @@ from factory.metering.schema import (
 LIVE = "(p.expires_at IS NULL OR p.expires_at > :now)"  # the package has not expired at the bound time
 
 
-def settle(
-    db,
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settlement:
+    """A settlement's values, checked, in the ledger's storage form; both backends write these."""
+
+    request_id: str
+    tenant: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # of prompt_tokens, served from the prefix cache
+    billed_tokens: int  # what it is charged, in factory tokens (metering/rates.py)
+    energy_j: float
+    energy_source: str
+    cost: str  # money_text
+    currency: str
+    model: str
+    replica: str
+    status: str
+    started_at: str | None  # when_text
+    finished_at: datetime
+    reserved: bool
+
+
+def checked(
     request_id: str,
     *,
     tenant: str,
@@ -49,34 +71,54 @@ def settle(
     reserved: bool = False,
     cached_tokens: int = 0,
     billed_tokens: int | None = None,
-) -> UsageRecord:
-    """Charge `request_id` what it used: `billed_tokens` factory tokens (metering/rates.py; by
-    default the raw count, prompt + completion). `reserved`: it was admitted with a reservation;
-    if that is gone (it outlived its ttl and was released), it is charged from whatever the tenant
-    has left, the rest recorded as overage: served is paid for, late or not."""
-    billed_tokens = check(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, energy_j=energy_j,
-                          currency=currency, status=status, cost=cost, cached_tokens=cached_tokens,
-                          billed_tokens=billed_tokens)  # fmt: skip
+) -> Settlement:
+    """Check what a request used before anything is written. `billed_tokens`: factory tokens
+    (default the raw count, prompt + completion: rates of 1). `reserved`: it was admitted with a
+    reservation."""
+    check_count(prompt_tokens, "prompt_tokens")
+    check_count(completion_tokens, "completion_tokens")
+    check_count(cached_tokens, "cached_tokens")
+    if cached_tokens > prompt_tokens:
+        raise LedgerError(f"cached_tokens ({cached_tokens}) exceeds prompt_tokens ({prompt_tokens})")
+    if billed_tokens is None:
+        billed_tokens = prompt_tokens + completion_tokens
+    check_count(billed_tokens, "billed_tokens")
+    check_real(energy_j, "energy_j")
+    check_currency(currency)
+    if status not in STATUSES:
+        raise LedgerError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    finished_at = finished_at or utcnow()
+    when_text(finished_at)  # a naive or non-datetime value is refused here
+    return Settlement(
+        request_id, tenant, prompt_tokens, completion_tokens, cached_tokens, billed_tokens, float(energy_j),
+        energy_source, money_text(cost, "cost"), currency, model, replica, status, when_text(started_at),
+        finished_at, bool(reserved),
+    )  # fmt: skip
+
+
+def settle(db, request_id: str, **fields) -> UsageRecord:
+    """Charge `request_id` what it used (`checked`'s fields). If its reservation is gone (it
+    outlived its ttl and was released), it is charged from whatever the tenant has left, the
+    rest recorded as overage: served is paid for, late or not."""
+    s = checked(request_id, **fields)
     if existing := db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone():
         return usage_from(existing)  # a retried settlement must not charge twice
-    cost_text = money_text(cost, "cost")
-    finished_at = finished_at or utcnow()
     overage_tok = 0
     held = db.execute(
         "SELECT r.tenant_id, t.name FROM reservations r JOIN tenants t ON t.id = r.tenant_id WHERE r.request_id = :r",
         r=request_id,
     ).fetchone()
-    if held is None and not reserved:  # never reserved (auth disabled): nothing to charge, only to record
-        insert_tenant(db, tenant, "standard")
-        owner_id = tenant_id(db, tenant)
+    if held is None and not s.reserved:  # never reserved (auth disabled): nothing to charge, only to record
+        insert_tenant(db, s.tenant, "standard")
+        owner_id = tenant_id(db, s.tenant)
     elif held is None:  # reserved once, but the reservation expired before this settlement
-        owner_id = tenant_id(db, tenant)
-        overage_tok = charge_available(db, owner_id, billed_tokens, finished_at)
+        owner_id = tenant_id(db, s.tenant)
+        overage_tok = charge_available(db, owner_id, s.billed_tokens, s.finished_at)
     else:
         owner_id, holder = held
-        if holder != tenant:
-            raise LedgerError(f"request {request_id!r} was reserved for {holder!r}, not {tenant!r}")
-        left = billed_tokens
+        if holder != s.tenant:
+            raise LedgerError(f"request {request_id!r} was reserved for {holder!r}, not {s.tenant!r}")
+        left = s.billed_tokens
         parts = db.execute(
             "SELECT package_id, tokens FROM reservation_parts WHERE request_id = :r ORDER BY seq", r=request_id
         ).fetchall()
@@ -91,39 +133,18 @@ def settle(
         drop_reservation(db, request_id)
         # Used more than reserved: take the excess from whatever is still available (the
         # reservation's own packages included).
-        overage_tok = charge_available(db, owner_id, left, finished_at)
+        overage_tok = charge_available(db, owner_id, left, s.finished_at)
     db.execute(
         "INSERT INTO usage (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens, overage_tokens,"
         " energy_j, energy_source, cost, currency, status, started_at, finished_at, cached_tokens, billed_tokens)"
         " VALUES (:r, :tenant_id, :model, :replica, :prompt, :completion, :overage, :energy_j, :source, :cost,"
         " :currency, :status, :started_at, :finished_at, :cached, :billed)",
-        r=request_id, tenant_id=owner_id, model=model, replica=replica, prompt=prompt_tokens,
-        completion=completion_tokens, overage=overage_tok, energy_j=float(energy_j), source=energy_source,
-        cost=cost_text, currency=currency, status=status, started_at=when_text(started_at),
-        finished_at=when_text(finished_at), cached=cached_tokens, billed=billed_tokens,
+        r=request_id, tenant_id=owner_id, model=s.model, replica=s.replica, prompt=s.prompt_tokens,
+        completion=s.completion_tokens, overage=overage_tok, energy_j=s.energy_j, source=s.energy_source,
+        cost=s.cost, currency=s.currency, status=s.status, started_at=s.started_at,
+        finished_at=when_text(s.finished_at), cached=s.cached_tokens, billed=s.billed_tokens,
     )  # fmt: skip
     return usage_from(db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone())
-
-
-def check(
-    *, prompt_tokens, completion_tokens, energy_j, currency, status, cost, cached_tokens=0, billed_tokens=None
-) -> int:
-    """A settlement's values, checked before anything is written (on either backend); what it
-    charges, in factory tokens."""
-    check_count(prompt_tokens, "prompt_tokens")
-    check_count(completion_tokens, "completion_tokens")
-    check_count(cached_tokens, "cached_tokens")
-    if cached_tokens > prompt_tokens:
-        raise LedgerError(f"cached_tokens ({cached_tokens}) exceeds prompt_tokens ({prompt_tokens})")
-    if billed_tokens is None:
-        billed_tokens = prompt_tokens + completion_tokens  # the raw count: rates of 1
-    check_count(billed_tokens, "billed_tokens")
-    check_real(energy_j, "energy_j")
-    check_currency(currency)
-    if status not in STATUSES:
-        raise LedgerError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-    money_text(cost, "cost")
-    return billed_tokens
 
 
 def charge_available(db, tenant_id: int, tokens: int, at: datetime) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_DTYPE, TINY_MODEL
+from tests.conftest import TINY_MODEL, tiny_model
 from tests.support import free_port, write_config
 
 pytestmark = pytest.mark.stack
@@ -116,15 +116,7 @@ def test_vs_vllm_runs_stock_vllm_then_the_factory_and_writes_one_comparison(tiny
     config = write_config(
         tmp_path / "tiny.yaml",
         port=free_port(),
-        models=[
-            {
-                "name": TINY_MODEL,
-                "source": str(tiny_model_dir),
-                "dtype": TINY_DTYPE,
-                "max_model_len": 512,
-                "max_num_seqs": 8,
-            }
-        ],
+        models=[tiny_model(tiny_model_dir, max_model_len=512, max_num_seqs=8)],
     )
     out = tmp_path / "vs"
     done = _bench(

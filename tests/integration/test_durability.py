@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from factory.metering.ledger import Ledger
-from tests.conftest import TINY_CONTEXT, TINY_DTYPE, TINY_MODEL, bearer
+from tests.conftest import TINY_CONTEXT, TINY_MODEL, bearer, tiny_model
 from tests.support import FactoryProcess, engine_process, free_port, kill_processes, write_config
 
 pytestmark = pytest.mark.stack
@@ -77,9 +77,7 @@ def _tenant_and_config(target: str, section: dict, tenant: str, tiny_model_dir, 
     config = write_config(
         tmp_path / "factory.yaml",
         port=port,
-        models=[
-            {"name": TINY_MODEL, "source": str(tiny_model_dir), "dtype": TINY_DTYPE, "max_model_len": TINY_CONTEXT}
-        ],
+        models=[tiny_model(tiny_model_dir)],
         auth="required",
         ledger=section,
     )

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TINY_CONTEXT, TINY_DTYPE, TINY_MODEL
+from tests.conftest import TINY_MODEL, tiny_model
 from tests.support import FactoryProcess, free_port, write_config
 
 pytestmark = pytest.mark.stack
@@ -83,16 +83,13 @@ def _delta(after: dict, before: dict, key: str) -> dict[str, int]:
 
 def _measure(router: str, model_dir, work) -> Run:
     port = free_port()
-    model = {
-        "name": TINY_MODEL,
-        "source": str(model_dir),
-        "dtype": TINY_DTYPE,
-        "max_model_len": TINY_CONTEXT,
-        "max_num_seqs": 16,
-        "replicas": 2,
-        "cpu_kv_cache_gib": 0.1,  # ~50k tokens each: nothing the workload sends is evicted
-        "engine_kwargs": {"enable_prefix_caching": True},
-    }
+    model = tiny_model(
+        model_dir,
+        max_num_seqs=16,
+        replicas=2,
+        cpu_kv_cache_gib=0.1,  # ~50k tokens each: nothing the workload sends is evicted
+        engine_kwargs={"enable_prefix_caching": True},
+    )
     config = write_config(
         work / f"{router}.yaml",
         port=port,

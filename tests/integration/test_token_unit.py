@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from factory.metering.ledger import Ledger
-from tests.conftest import TINY_CONTEXT, TINY_DTYPE, TINY_MODEL, bearer
+from tests.conftest import TINY_MODEL, bearer, tiny_model
 from tests.support import FactoryProcess, free_port, serving, write_config
 
 pytestmark = pytest.mark.stack
@@ -43,15 +43,12 @@ def weighted(tiny_model_dir, tmp_path_factory):
         work / "factory.yaml",
         port=port,
         models=[
-            {
-                "name": TINY_MODEL,
-                "source": str(tiny_model_dir),
-                "dtype": TINY_DTYPE,
-                "max_model_len": TINY_CONTEXT,
-                "max_num_seqs": 8,
-                "rates": {k: str(v) for k, v in RATES.items()},
-                "engine_kwargs": {"enable_prefix_caching": True},
-            }
+            tiny_model(
+                tiny_model_dir,
+                max_num_seqs=8,
+                rates={k: str(v) for k, v in RATES.items()},
+                engine_kwargs={"enable_prefix_caching": True},
+            )
         ],
         auth="required",
         ledger={"path": str(ledger_path)},

@@ -18,7 +18,7 @@ import pytest
 
 from factory.metering.ledger import Ledger
 from tests.cluster import TwoNodeCluster
-from tests.conftest import TINY_CONTEXT, TINY_DTYPE, TINY_MODEL, bearer
+from tests.conftest import TINY_MODEL, bearer, tiny_model
 from tests.support import FactoryProcess, free_port, write_config
 
 pytestmark = pytest.mark.stack
@@ -117,19 +117,9 @@ def test_two_nodes_serve_lose_a_node_under_load_and_get_it_back(
     config = write_config(
         tmp_path / "factory.yaml",
         port=port,
-        models=[
-            {
-                "name": TINY_MODEL,
-                "source": str(tiny_model_dir),
-                "dtype": TINY_DTYPE,
-                "max_model_len": TINY_CONTEXT,
-                # Two sequences a replica: the energy router fills one replica before it uses the next,
-                # so the load's 4 clients need both nodes.
-                "replicas": 2,
-                "replica_num_cpus": 1,
-                "max_num_seqs": 2,
-            }
-        ],  # fmt: skip
+        # Two sequences a replica: the energy router fills one replica before it uses the next, so the
+        # load's 4 clients need both nodes.
+        models=[tiny_model(tiny_model_dir, replicas=2, replica_num_cpus=1, max_num_seqs=2)],
         # Every node's HAProxy reaches every replica, and a replica listens on server.host: a
         # loopback host would hide each node's replicas from the others (the README says so).
         server={"port": port, "drain_timeout_s": 30, "host": "0.0.0.0"},

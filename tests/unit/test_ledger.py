@@ -681,6 +681,11 @@ def test_a_ledger_from_before_rates_migrates_its_usage_to_raw_billing(target):
         for version in (1, 2):
             MIGRATIONS[version](conn)
             conn.execute(sa.text("INSERT INTO schema_version (version) VALUES (:v)"), {"v": version})
+        if conn.dialect.name == "postgresql":  # what an older factory left at v2: the raw-count settle
+            conn.execute(sa.text(
+                "CREATE FUNCTION factory_settle(text, text, bigint, bigint, double precision, text, text, text,"
+                " text, text, text, text, text, boolean, text) RETURNS void LANGUAGE sql AS 'SELECT 1'"
+            ))  # fmt: skip
         conn.execute(sa.text("INSERT INTO tenants (name, priority, created_at) VALUES ('old', 'standard', :t)"),
                      {"t": T0.isoformat()})  # fmt: skip
         conn.execute(sa.text(
@@ -696,3 +701,7 @@ def test_a_ledger_from_before_rates_migrates_its_usage_to_raw_billing(target):
         led.reserve("after", "old", 30, ttl_s=60)
         assert settle(led, "after", "old", 10, 10, cached_tokens=4, billed_tokens=13).billed_tokens == 13
         assert led.balance("old")["used"] == 13
+    if raw_engine(led).dialect.name == "postgresql":
+        with raw_engine(led).connect() as conn:
+            arities = conn.execute(sa.text("SELECT pronargs FROM pg_proc WHERE proname = 'factory_settle'")).all()
+        assert arities == [(17,)]  # the v2 function dropped, v3's in its place
