@@ -142,7 +142,8 @@ def _packages_list(ledger: Ledger, args: argparse.Namespace) -> None:
 # -- usage --------------------------------------------------------------------------------
 
 _TABLE_FIELDS = ("finished_at", "request_id", "tenant", "model", "prompt_tokens", "completion_tokens",
-                 "overage_tokens", "energy_j", "cost", "currency", "status")  # fmt: skip
+                 "cached_tokens", "billed_tokens", "overage_tokens", "energy_j", "cost", "currency",
+                 "status")  # fmt: skip
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
 
 
@@ -151,7 +152,8 @@ def _usage(ledger: Ledger, args: argparse.Namespace) -> None:
     since = None if args.since is None else _parse_time(args.since, "--since")
     if args.summary:
         rows = ledger.usage_summary(args.tenant, since)
-        fields = ("tenant", "requests", "prompt_tokens", "completion_tokens", "energy_j", "cost", "currency")
+        fields = ("tenant", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "billed_tokens",
+                  "energy_j", "cost", "currency")  # fmt: skip
     else:
         rows = [dataclasses.asdict(r) for r in ledger.usage(args.tenant, since)]
         fields = _TABLE_FIELDS if args.format == "table" else _RECORD_FIELDS

@@ -164,8 +164,8 @@ def test_usage_json_keeps_money_as_exact_strings(cli, db):
     assert code == 0 and (record["request_id"], record["cost"], record["energy_j"]) == ("req-2", "0.000000000001", 2.5)
     code, out, _ = cli("usage", "--summary", "--format", "json")
     totals = {t["tenant"]: t for t in json.loads(out)}
-    assert totals["acme"] == dict(tenant="acme", requests=2, prompt_tokens=21, completion_tokens=10, energy_j=5.0,
-                                  cost="0.3", currency="CNY")  # fmt: skip
+    assert totals["acme"] == dict(tenant="acme", requests=2, prompt_tokens=21, completion_tokens=10, cached_tokens=0,
+                                  billed_tokens=31, energy_j=5.0, cost="0.3", currency="CNY")  # fmt: skip
     assert totals["beta"]["cost"] == "0.000000000001"
 
 
