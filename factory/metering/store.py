@@ -109,8 +109,9 @@ def _still_connected(dbapi_conn, _record, _proxy) -> None:
     connection this refuses and opens a new one."""
     if dbapi_conn.closed or dbapi_conn.broken:
         raise DisconnectionError("connection closed")
-    readable, _, _ = select.select([dbapi_conn.fileno()], [], [], 0)
-    if readable:
+    poller = select.poll()  # not select.select: a Ray worker may hold more than 1,024 descriptors
+    poller.register(dbapi_conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+    if poller.poll(0):
         raise DisconnectionError("the server closed the connection")
 
 
