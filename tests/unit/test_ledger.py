@@ -20,6 +20,7 @@ from factory.metering.ledger import (
     PRIORITY_CLASSES,
     Ledger,
     LedgerError,
+    LedgerUnavailable,
     QuotaExceeded,
     UnknownTenant,
     default_ledger,
@@ -562,6 +563,34 @@ def test_postgresql_restart_costs_no_call_a_dead_connection(postgres, pg_url):
         led.reserve("after", "acme", 10, ttl_s=60)
         settle(led, "before", "acme", 3, 4, reserved=True)
         assert led.balance("acme") == {"total": 100, "used": 7, "reserved": 10, "available": 83}
+
+
+def test_postgresql_down_makes_every_call_ledger_unavailable(postgres, pg_url):
+    """With the server stopped, reservations, settlements (one or a batch) and reads all raise
+    LedgerUnavailable (the ledger service answers 503 for it and holds settlements until the
+    server is back; any other error would drop a settlement): the pool's connections died and no
+    new one can be opened. Once it is back, they go through."""
+    with Ledger(pg_url, pool_size=2) as led:
+        led.create_tenant("acme")
+        led.grant_package("acme", 100)
+        led.reserve("held", "acme", 10, ttl_s=60)
+        batch = [dict(request_id="held", tenant="acme", prompt_tokens=2, completion_tokens=3, energy_j=0.5,
+                      energy_source="nvml", cost=Decimal("0.1"), currency="CNY", model="t", reserved=True)]  # fmt: skip
+        postgres.pg_ctl("stop")
+        try:
+            calls = [
+                lambda: led.reserve("new", "acme", 10, ttl_s=60),
+                lambda: settle(led, "held", "acme", 2, 3, reserved=True),
+                lambda: led.settle_many(batch),
+                lambda: led.balance("acme"),
+            ]
+            for call in calls:
+                with pytest.raises(LedgerUnavailable):
+                    call()
+        finally:
+            postgres.pg_ctl("start")
+        assert [r.billed_tokens for r in led.settle_many(batch)] == [5]
+        assert led.balance("acme") == {"total": 100, "used": 5, "reserved": 0, "available": 95}
 
 
 # -- usage --------------------------------------------------------------------------------
