@@ -65,9 +65,6 @@ class Rates:
     def raw(self) -> bool:
         return self.input == self.cached_input == self.output == 1
 
-    def as_dict(self) -> dict[str, str]:
-        return {"input": str(self.input), "cached_input": str(self.cached_input), "output": str(self.output)}
-
 
 RAW = Rates()
 
@@ -109,19 +106,23 @@ def operating_batch(profile, phase: str, batch: int = REFERENCE_BATCH) -> int | 
     return fitting[-1] if fitting else batches[0]
 
 
+def busy_j_per_tok(profile, phase: str) -> tuple[int, float] | None:
+    """(batch, J/token) of `phase` at the profile's busy operating batch; None if it has no points."""
+    batch = operating_batch(profile, phase)
+    return None if batch is None else (batch, profile.j_per_tok(batch, phase=phase))
+
+
 def derive(model: str, profile_path: Path, reference_path: Path) -> Derivation:
     """Rates for `model` from its energy profile, in output tokens of the reference model."""
     from factory.policy.profile import load_profile
 
     profile, reference = load_profile(profile_path), load_profile(reference_path)
-    ref_batch = operating_batch(reference, "decode")
-    batch = operating_batch(profile, "decode")
-    if ref_batch is None or batch is None:
-        raise ValueError(f"{profile_path if batch is None else reference_path} has no decode points to price by")
-    ref_j = reference.j_per_tok(ref_batch, phase="decode")
-    decode_j = profile.j_per_tok(batch, phase="decode")
-    prefill_batch = operating_batch(profile, "prefill")
-    prefill_j = profile.j_per_tok(prefill_batch, phase="prefill") if prefill_batch is not None else None
+    ref, decode = busy_j_per_tok(reference, "decode"), busy_j_per_tok(profile, "decode")
+    if ref is None or decode is None:
+        raise ValueError(f"{profile_path if decode is None else reference_path} has no decode points to price by")
+    (ref_batch, ref_j), (batch, decode_j) = ref, decode
+    prefill = busy_j_per_tok(profile, "prefill")
+    prefill_j = None if prefill is None else prefill[1]
     output = rounded(decode_j / ref_j)
     fresh = rounded((prefill_j if prefill_j is not None else decode_j) / ref_j)
     rates = Rates(input=fresh, cached_input=rounded(float(fresh * CACHED_SHARE)), output=output)
@@ -163,13 +164,11 @@ def request_energy_j(profile_path: Path, prompt: int, output: int) -> tuple[floa
     from factory.policy.profile import load_profile
 
     profile = load_profile(profile_path)
-    batch = operating_batch(profile, "decode")
-    if batch is None:
+    decode = busy_j_per_tok(profile, "decode")
+    if decode is None:
         return None
-    decode = profile.j_per_tok(batch, phase="decode")
-    prefill_batch = operating_batch(profile, "prefill")
-    prefill = profile.j_per_tok(prefill_batch, phase="prefill") if prefill_batch is not None else decode
-    return prompt * prefill + output * decode, profile.source
+    prefill = busy_j_per_tok(profile, "prefill") or decode
+    return prompt * prefill[1] + output * decode[1], profile.source
 
 
 def price_list(cfg, gpu: bool, pack_tokens: int, pack_price: Decimal, prompt: int, output: int) -> list[PriceRow]:

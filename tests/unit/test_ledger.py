@@ -73,6 +73,15 @@ def packages(ledger: Ledger, tenant: str) -> dict[int, tuple[int, int]]:
     return {p.id: (p.tokens_used, p.tokens_reserved) for p in ledger.list_packages(tenant)}
 
 
+def run_threads(worker, n: int) -> None:
+    """worker(0) ... worker(n - 1), each in its own thread, all at once; returns when all are done."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 # -- storage ------------------------------------------------------------------------------
 
 
@@ -250,11 +259,7 @@ def test_racing_ledgers_never_overspend_a_package(target, ledger):
             if led is not None:
                 led.close()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, n)
     assert [f for f in failures if not isinstance(f, threading.BrokenBarrierError)] == []
     assert (len(won), len(lost)) == (50, 150)
     assert set(lost) == {0}
@@ -680,11 +685,7 @@ def test_two_models_at_different_rates_race_for_a_package_of_fifty_requests(targ
             start.abort()
             reserved_all.abort()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(200)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, 200)
     assert [f for f in failures if not isinstance(f, threading.BrokenBarrierError)] == []
     assert (len(won), len(lost)) == (50, 150)
     assert {i % 2 for i in won} == {0, 1}  # both models got in
