@@ -117,6 +117,7 @@ class ReplicaMeter:
         # (engine's reading time, unix s; observed J): the counter at the sampler's pace, for reports
         self._readings: deque[tuple[float, float]] = deque(maxlen=READINGS_KEPT)
         self._task: asyncio.Task | None = None
+        self._free_demand_w: float | None = None  # demand measured over the last window with no pause
 
     def export_engine_env(self) -> None:
         """Make the EngineCore process (started after this, inheriting our environment) meter."""
@@ -194,9 +195,26 @@ class ReplicaMeter:
 
     @staticmethod
     def demand_w(power_w: float, paused_share: float, idle_w: float) -> float:
-        """What the replica would draw without its cap: the power above idle scales with the time
-        it computes, and the cap's pauses took `paused_share` of the time away from it."""
+        """An upper bound of what the replica would draw without its cap: the power above idle
+        scaled by the time the cap's pauses (`paused_share`) took away from computing."""
         return idle_w + max(0.0, power_w - idle_w) / max(1.0 - paused_share, MIN_DUTY)
+
+    def _demand(self, power_w: float, paused_share: float, idle_w: float) -> float:
+        """What the replica would draw without its cap, steady while the cap pauses the engine.
+
+        Scaling by the pauses overstates it: work queues during a pause and the engine then runs
+        fuller and busier than the same load would keep it unthrottled (on the real stack a load
+        drawing 87 W read 105 W under a 69 W cap), and the governor, taking that for demand,
+        sheds a class the budget could serve and flaps between levels. So the demand measured
+        over the last window without a pause is kept, and a paused window may only lower it (a
+        load that falls under the cap still lifts the cap). What it misses, a load that grows while
+        the cap pauses the engine, shows once the budget is lifted or the load lets the cap go."""
+        estimate = self.demand_w(power_w, paused_share, idle_w)
+        if paused_share <= 0.0 or self._free_demand_w is None:
+            if paused_share <= 0.0:
+                self._free_demand_w = estimate
+            return estimate
+        return min(estimate, self._free_demand_w)
 
     def power_report(self) -> dict[str, Any] | None:
         """What the governor needs of this replica: power, energy counter (with the time it was
@@ -220,7 +238,7 @@ class ReplicaMeter:
             "source": snap.source,
             "devices": len(snap.devices),
             "idle_w": idle_w,
-            "demand_w": self.demand_w(slow_power_w, paused_share, idle_w),
+            "demand_w": self._demand(slow_power_w, paused_share, idle_w),
             "tokens_per_joule": self.tokens_per_joule() or None,
             "batch_cap": sched.batch_cap if sched else None,
             "efficient_batch": sched.efficient_batch if sched else None,

@@ -172,3 +172,19 @@ def test_replica_meter_waits_for_finals_and_exports_families():
             meter.close()
 
     asyncio.run(scenario())
+
+
+def test_demand_under_a_pausing_cap_is_the_last_unpaused_demand_unless_lower():
+    """Scaling a paused engine's power by its pauses overstates demand (it races through the queue
+    that built up): a 60 % duty drawing 80 W would read 40 + 40 / 0.4 = 140 W against the 90 W the
+    load drew unpaused. The governor's level rests on this figure, so it must hold steady."""
+    meter = ReplicaMeter(TelemetryConfig(source="modeled"))
+    try:
+        assert meter._demand(80.0, 0.6, IDLE_W) == pytest.approx(140.0)  # nothing unpaused seen yet
+        assert meter._demand(90.0, 0.0, IDLE_W) == 90.0
+        assert meter._demand(80.0, 0.6, IDLE_W) == 90.0  # the upper bound is above what was seen
+        assert meter._demand(50.0, 0.5, IDLE_W) == pytest.approx(60.0)  # the load fell under the cap
+        assert meter._demand(70.0, 0.0, IDLE_W) == 70.0  # unpaused again: measured afresh
+        assert meter._demand(69.0, 0.3, IDLE_W) == 70.0
+    finally:
+        meter.close()
