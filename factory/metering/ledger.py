@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone, tzinfo
 from decimal import Decimal
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from factory.metering import keys, procedures, settlement, store
 from factory.metering.schema import (
     MIGRATIONS,
     PACKAGE_SQL,
+    PLAN_KINDS,
+    PLAN_SQL,
     PRIORITY_CLASSES,
     SCHEMA_VERSION,
     SPEND_ORDER,
@@ -37,11 +39,13 @@ from factory.metering.schema import (
     LedgerError,
     LedgerUnavailable,
     Package,
+    Plan,
     QuotaExceeded,
     Reservation,
     Tenant,
     UnknownTenant,
     UsageRecord,
+    check_category,
     check_count,
     check_currency,
     check_name,
@@ -49,6 +53,7 @@ from factory.metering.schema import (
     check_real,
     money_text,
     package_from,
+    plan_from,
     tenant_from,
     usage_from,
     utcnow,
@@ -56,7 +61,7 @@ from factory.metering.schema import (
 )
 
 __all__ = [
-    "PRIORITY_CLASSES", "KeyInfo", "Ledger", "LedgerError", "LedgerUnavailable", "Package", "QuotaExceeded",
+    "PRIORITY_CLASSES", "KeyInfo", "Ledger", "LedgerError", "LedgerUnavailable", "Package", "Plan", "QuotaExceeded",
     "Reservation", "Tenant", "UnknownTenant", "UsageRecord", "default_ledger",
 ]  # fmt: skip
 
@@ -193,28 +198,186 @@ class Ledger:
         expires_at: datetime | None = None,
         price: Decimal | None = None,
         currency: str = "CNY",
+        category: str | None = None,
     ) -> Package:
+        """A pack given directly (no plan): `tokens` factory tokens for models of `category`
+        (None: every model)."""
         check_count(tokens, "tokens", minimum=1)
         price_text = None if price is None else money_text(price, "price")
         check_currency(currency)
+        check_category(category)
         now = when_text(utcnow())
         if expires_at is not None and when_text(expires_at) <= now:
             raise LedgerError(f"expiry {expires_at.isoformat()} is already past")
         with self.transaction() as db:
-            package_id = db.execute(
-                "INSERT INTO packages (tenant_id, tokens_total, tokens_used, tokens_reserved, price, currency,"
-                " expires_at, created_at) VALUES (:tenant_id, :tokens, 0, 0, :price, :currency, :expires_at, :now)"
-                " RETURNING id",
-                tenant_id=settlement.tenant_id(db, tenant), tokens=tokens, price=price_text, currency=currency,
-                expires_at=when_text(expires_at), now=now,
-            ).scalar_one()  # fmt: skip
-            return package_from(db.execute(PACKAGE_SQL + " WHERE p.id = :id", id=package_id).fetchone())
+            return _insert_package(
+                db, settlement.tenant_id(db, tenant), tokens=tokens, price=price_text, currency=currency,
+                expires_at=when_text(expires_at), now=now, category=category,
+            )  # fmt: skip
 
-    def list_packages(self, tenant: str) -> list[Package]:
-        """All of the tenant's packages, expired ones included, in spending order."""
+    # -- plans ------------------------------------------------------------------------------
+
+    def create_plan(
+        self,
+        name: str,
+        kind: str,
+        tokens: int,
+        *,
+        price: Decimal | None = None,
+        currency: str = "CNY",
+        valid_days: int | None = None,
+        category: str | None = None,
+        rollover: bool = False,
+    ) -> Plan:
+        """A plan of the catalogue: a one-off `pack` (valid `valid_days` from purchase, or for
+        ever), a `monthly` subscription (an allowance each calendar month; `rollover` carries the
+        unused tokens into the next month, else they expire with it) or a free `trial` (once per
+        tenant, valid `valid_days`). `category` limits it to models of that category."""
+        if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
+            raise LedgerError(f"bad plan name {name!r}: 1-64 printable characters")
+        if kind not in PLAN_KINDS:
+            raise LedgerError(f"kind must be one of {', '.join(PLAN_KINDS)}, got {kind!r}")
+        check_count(tokens, "tokens", minimum=1)
+        if valid_days is not None:
+            check_count(valid_days, "valid_days", minimum=1)
+        if kind == "trial" and valid_days is None:
+            raise LedgerError("a trial needs valid_days: it is meant to run out")
+        if kind == "monthly" and valid_days is not None:
+            raise LedgerError("a monthly plan runs by calendar month: valid_days does not apply")
+        if rollover and kind != "monthly":
+            raise LedgerError("rollover applies to monthly plans only")
+        check_category(category)
+        check_currency(currency)
+        price_text = None if price is None else money_text(price, "price")
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO plans (name, kind, tokens, price, currency, valid_days, category, rollover,"
+                    " created_at) VALUES (:name, :kind, :tokens, :price, :currency, :valid_days, :category,"
+                    " :rollover, :now)",
+                    name=name, kind=kind, tokens=tokens, price=price_text, currency=currency, valid_days=valid_days,
+                    category=category, rollover=int(bool(rollover)), now=when_text(utcnow()),
+                )  # fmt: skip
+                return plan_from(db.execute(PLAN_SQL + " WHERE name = :name", name=name).fetchone())
+        except IntegrityError as err:
+            if store.duplicate_key(err):
+                raise LedgerError(f"plan {name!r} already exists") from None
+            raise
+
+    def list_plans(self, include_retired: bool = False) -> list[Plan]:
+        where = "" if include_retired else " WHERE retired_at IS NULL"
+        with self.transaction(write=False) as db:
+            return [plan_from(r) for r in db.execute(PLAN_SQL + where + " ORDER BY name")]
+
+    def retire_plan(self, name: str) -> Plan:
+        """Stop selling a plan; what tenants bought stands, and live subscriptions go on renewing
+        until they are cancelled."""
+        with self.transaction() as db:
+            _plan(db, name)
+            db.execute("UPDATE plans SET retired_at = :now WHERE name = :name AND retired_at IS NULL",
+                       now=when_text(utcnow()), name=name)  # fmt: skip
+            return _plan(db, name)
+
+    def buy(self, tenant: str, plan: str, *, now: datetime | None = None, tz: tzinfo = timezone.utc) -> Package:
+        """The tenant buys `plan`: its package (for a monthly plan, a subscription and this
+        month's package, the month counted in `tz`, the operator's time zone). A second trial,
+        or a second live subscription to one plan, is refused."""
+        now = now or utcnow()
+        kind = None
+        try:
+            with self.transaction() as db:
+                tenant_id = db.lock_tenants([tenant]).get(tenant)
+                if tenant_id is None:
+                    raise UnknownTenant(tenant)
+                row = _plan_row(db, plan)
+                kind = row["kind"]
+                if row["retired_at"] is not None:
+                    raise LedgerError(f"plan {plan!r} is no longer sold")
+                fields = dict(tokens=row["tokens"], price=row["price"], currency=row["currency"], kind=row["kind"],
+                              category=row["category"], plan_id=row["id"], now=when_text(now))  # fmt: skip
+                if row["kind"] != "monthly":
+                    days = row["valid_days"]
+                    expires = None if days is None else when_text(now + timedelta(days=days))
+                    return _insert_package(db, tenant_id, expires_at=expires, **fields)
+                sub_id = db.execute(
+                    "INSERT INTO subscriptions (tenant_id, plan_id, started_at) VALUES (:t, :p, :now) RETURNING id",
+                    t=tenant_id, p=row["id"], now=when_text(now),
+                ).scalar_one()  # fmt: skip
+                start = month_start(now, tz)
+                return _insert_package(
+                    db, tenant_id, expires_at=when_text(next_month(start)), subscription_id=sub_id,
+                    period_start=when_text(start), **fields,
+                )  # fmt: skip
+        except IntegrityError as err:
+            if store.duplicate_key(err):
+                what = "its free trial" if kind == "trial" else f"a live subscription to {plan!r}"
+                raise LedgerError(f"tenant {tenant!r} already has {what}") from None
+            raise
+
+    def cancel_subscription(self, tenant: str, plan: str) -> bool:
+        """No renewal after the month under way (which runs out as bought). False if there was
+        no live subscription."""
+        with self.transaction() as db:
+            tenant_id = settlement.tenant_id(db, tenant)
+            plan_id = _plan_row(db, plan)["id"]
+            done = db.execute(
+                "UPDATE subscriptions SET cancelled_at = :now WHERE tenant_id = :t AND plan_id = :p"
+                " AND cancelled_at IS NULL RETURNING id",
+                now=when_text(utcnow()), t=tenant_id, p=plan_id,
+            ).fetchall()  # fmt: skip
+        return bool(done)
+
+    def renew(
+        self, *, now: datetime | None = None, tz: tzinfo = timezone.utc, tenant: str | None = None
+    ) -> list[Package]:
+        """Give every live subscription (of `tenant`, or all) its package for the calendar month
+        in `tz` that contains `now`, if it has none yet; returns the packages created. Run by the
+        ledger service every minute and when a subscriber's reservation finds nothing left.
+
+        A rollover plan carries the tokens the month before left free into the new month (tokens
+        a request still holds stay with the month that admitted it, which that request is
+        charged to). Each subscription renews in its own transaction; two renewals at once
+        create one package (a unique index), so the loser skips it."""
+        now = now or utcnow()
+        start = month_start(now, tz)
+        with self.transaction(write=False) as db:
+            where = "" if tenant is None else " AND s.tenant_id = :tenant_id"
+            tenant_id = None if tenant is None else settlement.tenant_id(db, tenant)
+            due = db.execute(
+                "SELECT s.id, s.tenant_id FROM subscriptions s WHERE s.cancelled_at IS NULL" + where + " AND NOT EXISTS"
+                " (SELECT 1 FROM packages p WHERE p.subscription_id = s.id AND p.period_start = :start) ORDER BY s.id",
+                start=when_text(start), tenant_id=tenant_id,
+            ).fetchall()  # fmt: skip
+        created = []
+        for sub_id, owner_id in due:
+            try:
+                with self.transaction() as db:
+                    db.lock_tenant_ids([owner_id])
+                    if (package := _renew(db, sub_id, owner_id, start, now)) is not None:
+                        created.append(package)
+            except IntegrityError as err:
+                if not store.duplicate_key(err):
+                    raise
+        return created
+
+    def categories(self, tenant: str, now: datetime | None = None) -> set[str | None]:
+        """The categories the tenant's live packages cover (None: a package for every model)."""
+        with self.transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT DISTINCT p.category FROM packages p WHERE p.tenant_id = :tenant_id AND " + settlement.LIVE,
+                tenant_id=settlement.tenant_id(db, tenant), now=when_text(now or utcnow()),
+            )  # fmt: skip
+            return {r[0] for r in rows}
+
+    def list_packages(self, tenant: str, live_only: bool = False, now: datetime | None = None) -> list[Package]:
+        """The tenant's packages in spending order: all, or only those not expired at `now`."""
+        live = " AND " + settlement.LIVE if live_only else ""
         with self.transaction(write=False) as db:
             tenant_id = settlement.tenant_id(db, tenant)
-            rows = db.execute(PACKAGE_SQL + " WHERE p.tenant_id = :tenant_id " + SPEND_ORDER, tenant_id=tenant_id)
+            rows = db.execute(
+                PACKAGE_SQL + " WHERE p.tenant_id = :tenant_id" + live + " " + SPEND_ORDER,
+                tenant_id=tenant_id, now=when_text(now or utcnow()),
+            )  # fmt: skip
             return [package_from(r) for r in rows]
 
     def balance(self, tenant: str, now: datetime | None = None) -> dict:
@@ -232,11 +395,20 @@ class Ledger:
     # -- reservation and settlement ---------------------------------------------------------
 
     def reserve(
-        self, request_id: str, tenant: str, tokens: int, *, ttl_s: float, now: datetime | None = None
+        self,
+        request_id: str,
+        tenant: str,
+        tokens: int,
+        *,
+        ttl_s: float,
+        now: datetime | None = None,
+        category: str | None = None,
     ) -> Reservation:
-        """Hold `tokens` of the tenant's live packages for `request_id` until it is settled,
-        released, or `ttl_s` seconds pass. QuotaExceeded if fewer are available."""
+        """Hold `tokens` of the tenant's live packages that cover `category` (the model's; None:
+        any package) for `request_id` until it is settled, released, or `ttl_s` seconds pass.
+        QuotaExceeded if fewer are available."""
         check_count(tokens, "tokens")
+        check_category(category)
         check_real(ttl_s, "ttl_s")
         if ttl_s == 0:
             raise LedgerError("ttl_s must be > 0: a reservation that expires at once holds nothing")
@@ -245,8 +417,15 @@ class Ledger:
         taken = LedgerError(f"request {request_id!r} is already reserved or settled")
         try:
             if self._calls is not None:
-                args = (request_id, tenant, tokens, when_text(expires_at), when_text(now))
-                self._call(procedures.RESERVE_CALL, args, request_id=request_id, tenant=tenant, tokens=tokens)
+                args = (request_id, tenant, tokens, when_text(expires_at), when_text(now), category)
+                self._call(
+                    procedures.RESERVE_CALL,
+                    args,
+                    request_id=request_id,
+                    tenant=tenant,
+                    tokens=tokens,
+                    category=category,
+                )
                 return Reservation(request_id, tenant, tokens, expires_at)
             with self.transaction() as db:
                 tenant_id = db.lock_tenants([tenant]).get(tenant)
@@ -255,10 +434,10 @@ class Ledger:
                 for table in ("reservations", "usage"):
                     if db.execute(f"SELECT 1 FROM {table} WHERE request_id = :r", r=request_id).fetchone():
                         raise taken
-                spendable = settlement.spendable(db, tenant_id, now)
+                spendable = settlement.spendable(db, tenant_id, now, category)
                 available = sum(n for _, n in spendable)
                 if available < tokens:
-                    raise QuotaExceeded(available=available, requested=tokens, tenant=tenant)
+                    raise QuotaExceeded(available=available, requested=tokens, tenant=tenant, category=category)
                 db.execute(
                     "INSERT INTO reservations (request_id, tenant_id, tokens, expires_at, created_at)"
                     " VALUES (:r, :tenant_id, :tokens, :expires_at, :now)",
@@ -387,7 +566,85 @@ def _settle_args(request_id: str, **fields) -> tuple:
     return (
         s.request_id, s.tenant, s.prompt_tokens, s.completion_tokens, s.energy_j, s.energy_source, s.cost, s.currency,
         s.model, s.replica, s.status, s.started_at, when_text(s.finished_at), s.reserved, when_text(utcnow()),
-        s.cached_tokens, s.billed_tokens,
+        s.cached_tokens, s.billed_tokens, s.category,
+    )  # fmt: skip
+
+
+def month_start(at: datetime, tz: tzinfo) -> datetime:
+    """Midnight of the 1st of the calendar month in `tz` that contains `at`."""
+    local = at.astimezone(tz)
+    return datetime(local.year, local.month, 1, tzinfo=tz)
+
+
+def next_month(start: datetime) -> datetime:
+    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+    return datetime(year, month, 1, tzinfo=start.tzinfo)
+
+
+def _plan_row(db, name: str) -> dict:
+    row = db.execute(
+        "SELECT id, kind, tokens, price, currency, valid_days, category, rollover, retired_at FROM plans"
+        " WHERE name = :name",
+        name=name,
+    ).fetchone()
+    if row is None:
+        raise LedgerError(f"unknown plan {name!r}")
+    return dict(row._mapping)
+
+
+def _plan(db, name: str) -> Plan:
+    row = db.execute(PLAN_SQL + " WHERE name = :name", name=name).fetchone()
+    if row is None:
+        raise LedgerError(f"unknown plan {name!r}")
+    return plan_from(row)
+
+
+def _insert_package(db, tenant_id: int, *, tokens: int, now: str, kind: str = "pack", rolled_in: int = 0,
+                    **fields) -> Package:  # fmt: skip
+    """Insert a package; `fields`: price, currency, expires_at, category, plan_id, subscription_id,
+    period_start (each None where it does not apply)."""
+    values = dict.fromkeys(("price", "currency", "expires_at", "category", "plan_id", "subscription_id",
+                            "period_start"))  # fmt: skip
+    values.update(fields)
+    package_id = db.execute(
+        "INSERT INTO packages (tenant_id, tokens_total, tokens_used, tokens_reserved, price, currency, expires_at,"
+        " created_at, kind, category, plan_id, subscription_id, period_start, rolled_in) VALUES (:tenant_id, :tokens,"
+        " 0, 0, :price, :currency, :expires_at, :now, :kind, :category, :plan_id, :subscription_id, :period_start,"
+        " :rolled_in) RETURNING id",
+        tenant_id=tenant_id, tokens=tokens, now=now, kind=kind, rolled_in=rolled_in, **values,
+    ).scalar_one()  # fmt: skip
+    return package_from(db.execute(PACKAGE_SQL + " WHERE p.id = :id", id=package_id).fetchone())
+
+
+def _renew(db, sub_id: int, tenant_id: int, start: datetime, now: datetime) -> Package | None:
+    """This month's package of subscription `sub_id`, under the tenant's lock; None if it exists
+    or the subscription was cancelled meanwhile."""
+    sub = db.execute(
+        "SELECT pl.id, pl.tokens, pl.price, pl.currency, pl.category, pl.rollover FROM subscriptions s"
+        " JOIN plans pl ON pl.id = s.plan_id WHERE s.id = :id AND s.cancelled_at IS NULL",
+        id=sub_id,
+    ).fetchone()  # fmt: skip
+    period = when_text(start)
+    if (
+        sub is None
+        or db.execute(
+            "SELECT 1 FROM packages WHERE subscription_id = :id AND period_start = :start", id=sub_id, start=period
+        ).fetchone()
+    ):
+        return None
+    plan_id, tokens, price, currency, category, rollover = sub
+    rolled = 0
+    if rollover:  # only from the month just ended: a month nobody renewed carried nothing
+        prev = db.execute(
+            "SELECT tokens_total - tokens_used - tokens_reserved FROM packages WHERE subscription_id = :id"
+            " AND expires_at = :start",
+            id=sub_id, start=period,
+        ).fetchone()  # fmt: skip
+        rolled = int(prev[0]) if prev else 0
+    return _insert_package(
+        db, tenant_id, tokens=int(tokens) + rolled, rolled_in=rolled, price=price, currency=currency,
+        expires_at=when_text(next_month(start)), category=category, plan_id=plan_id, subscription_id=sub_id,
+        period_start=period, kind="monthly", now=when_text(now),
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from factory.metering.ledger import Ledger
 from factory.metering.schema import LedgerError
 
 # Parents before children, so every foreign key finds its row.
-TABLES = ("tenants", "api_keys", "packages", "reservations", "reservation_parts", "usage")
+TABLES = ("tenants", "api_keys", "plans", "subscriptions", "packages", "reservations", "reservation_parts", "usage")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def copy(source: Ledger, target: Ledger) -> Totals:
             rows = [dict(r._mapping) for r in src.conn.execute(sa.select(table))]
             if rows:
                 out.conn.execute(table.insert(), rows)
-        store.reset_identities(out, [metadata.tables[t] for t in ("tenants", "packages")])
+        store.reset_identities(out, [metadata.tables[t] for t in ("tenants", "plans", "subscriptions", "packages")])
         # Checked before the commit: a copy that does not tie out leaves the target as it was.
         before, after = totals_in(src), totals_in(out)
         if before != after:

@@ -12,7 +12,8 @@ ledger. Arguments are checked in Python before the call (schema.check_*), so the
 their types and ranges; what only the database can know comes back as an SQLSTATE of class LF.
 
 The SQL below is frozen, like schema.v1_tables: a migration creates these functions, and a change
-is a new migration that replaces them (migration 3 made `factory_settle` charge factory tokens),
+is a new migration that replaces them (migration 3 made `factory_settle` charge factory tokens,
+migration 4 gave all three a model category and put trials first),
 so every process on every node runs the functions its schema version names.
 """
 
@@ -165,9 +166,43 @@ BEGIN
 END $$
 """
 
+# Migration 4 (plans and categories): a request spends only the packages that cover its model's
+# category (schema.COVERS; a null category: any), and a trial is spent first (schema.SPEND_ORDER).
+# The same functions as above with that filter and order and one argument more each.
+_ORDER_V4 = (
+    "CASE WHEN p.kind = 'trial' THEN 0 ELSE 1 END, CASE WHEN p.expires_at IS NULL THEN 1 ELSE 0 END, p.expires_at, p.id"
+)
+_COVERS_V4 = "(p_category IS NULL OR p.category IS NULL OR p.category = p_category)"
+
+
+def _v4(ddl: str, signature: str, new_signature: str) -> str:
+    ddl = ddl.replace(signature, new_signature)
+    ddl = ddl.replace("CASE WHEN p.expires_at IS NULL THEN 1 ELSE 0 END, p.expires_at, p.id", _ORDER_V4)
+    ddl = ddl.replace(
+        "(p.expires_at IS NULL OR p.expires_at > ", f"{_COVERS_V4} AND (p.expires_at IS NULL OR p.expires_at > "
+    )
+    return ddl
+
+
+_CHARGE_AVAILABLE_V4 = _v4(
+    _CHARGE_AVAILABLE,
+    "(p_tenant_id integer, p_tokens bigint, p_at text)",
+    "(p_tenant_id integer, p_tokens bigint, p_at text, p_category text)",
+)
+_RESERVE_V4 = _v4(
+    _RESERVE,
+    "p_request text, p_tenant text, p_tokens bigint, p_expires_at text, p_now text\n",
+    "p_request text, p_tenant text, p_tokens bigint, p_expires_at text, p_now text, p_category text\n",
+)
+_SETTLE_V4 = _v4(
+    _SETTLE,
+    "p_now text, p_cached bigint, p_billed bigint\n",
+    "p_now text, p_cached bigint, p_billed bigint, p_category text\n",
+).replace("p_finished_at);", "p_finished_at, p_category);")
+
 # psycopg's own placeholders: these go straight to the driver (store.Calls).
-RESERVE_CALL = "SELECT factory_reserve(%s, %s, %s, %s, %s)"
-SETTLE_CALL = "SELECT * FROM factory_settle(" + ", ".join(["%s"] * 17) + ")"
+RESERVE_CALL = "SELECT factory_reserve(%s, %s, %s, %s, %s, %s)"
+SETTLE_CALL = "SELECT * FROM factory_settle(" + ", ".join(["%s"] * 18) + ")"
 
 
 _V2_SETTLE_SIGNATURE = (
@@ -180,6 +215,15 @@ MIGRATIONS = {
     # and drops the v2 one where a ledger was left at v2 by an older factory.
     2: (_CHARGE_AVAILABLE, _RESERVE),
     3: (f"DROP FUNCTION IF EXISTS {_V2_SETTLE_SIGNATURE}", _SETTLE),
+    4: (
+        "DROP FUNCTION factory_reserve(text, text, bigint, text, text)",
+        "DROP FUNCTION factory_settle(text, text, bigint, bigint, double precision, text, text, text, text, text,"
+        " text, text, text, boolean, text, bigint, bigint)",
+        "DROP FUNCTION factory_charge_available(integer, bigint, text)",
+        _CHARGE_AVAILABLE_V4,
+        _RESERVE_V4,
+        _SETTLE_V4,
+    ),
 }
 
 
@@ -192,7 +236,9 @@ def install(conn, version: int) -> None:
         conn.exec_driver_sql(ddl)
 
 
-def refusal(err: Exception, *, request_id: str = "", tenant: str = "", tokens: int = 0) -> LedgerError | None:
+def refusal(
+    err: Exception, *, request_id: str = "", tenant: str = "", tokens: int = 0, category: str | None = None
+) -> LedgerError | None:
     """The ledger exception a function's error stands for; None if it is not one of ours. The
     functions put the one value each needs in the message: the tenant, the request id, the
     tokens available, or the whole sentence."""
@@ -207,5 +253,5 @@ def refusal(err: Exception, *, request_id: str = "", tenant: str = "", tokens: i
     if state == TAKEN:
         return LedgerError(f"request {message!r} is already reserved or settled")
     if state == QUOTA:
-        return QuotaExceeded(available=int(message), requested=tokens, tenant=tenant)
+        return QuotaExceeded(available=int(message), requested=tokens, tenant=tenant, category=category)
     return LedgerError(message)

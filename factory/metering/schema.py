@@ -18,9 +18,10 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PRIORITY_CLASSES = ("high", "standard", "low")  # highest first
 STATUSES = ("completed", "aborted", "failed")
+PLAN_KINDS = ("pack", "monthly", "trial")  # one-off pack, monthly subscription, free trial (once per tenant)
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
@@ -128,6 +129,7 @@ MIGRATIONS = {
     1: lambda conn: _create(conn, v1_tables),
     2: lambda conn: _procedures(conn, 2),
     3: lambda conn: _v3_token_unit(conn),
+    4: lambda conn: _v4_plans(conn),
 }
 
 
@@ -142,11 +144,71 @@ def _v3_token_unit(conn) -> None:
     adds the prompt tokens served from the prefix cache and what was charged, in factory tokens.
     Rows from before were charged their raw count."""
     for column in ("cached_tokens", "billed_tokens"):
-        conn.exec_driver_sql(
-            f"ALTER TABLE usage ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0 CHECK ({column} >= 0)"
-        )
+        conn.exec_driver_sql(f"ALTER TABLE usage ADD COLUMN {column} BIGINT NOT NULL DEFAULT 0 CHECK ({column} >= 0)")
     conn.exec_driver_sql("UPDATE usage SET billed_tokens = prompt_tokens + completion_tokens")
     _procedures(conn, 3)
+
+
+def v4_tables(metadata: sa.MetaData) -> None:
+    """The plan catalogue and subscriptions, as migration 4 creates them. Frozen, as v1_tables."""
+    token = sa.BigInteger
+    sa.Table("tenants", metadata, sa.Column("id", sa.Integer, primary_key=True))  # exists: the foreign keys' target
+    sa.Table(
+        "plans",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.Text, nullable=False, unique=True),
+        sa.Column("kind", sa.Text, nullable=False),
+        sa.Column("tokens", token, nullable=False),  # factory tokens per pack, trial or month
+        sa.Column("price", sa.Text),
+        sa.Column("currency", sa.Text, nullable=False),
+        sa.Column("valid_days", sa.Integer),  # pack / trial: lifetime from purchase; null: a pack never expires
+        sa.Column("category", sa.Text),  # null: every model
+        sa.Column("rollover", sa.Integer, nullable=False),  # monthly: unused tokens carry into the next month
+        sa.Column("created_at", sa.Text, nullable=False),
+        sa.Column("retired_at", sa.Text),  # no longer sold; what was bought stands
+        sa.CheckConstraint("kind IN ('pack', 'monthly', 'trial')", name="plans_kind"),
+        sa.CheckConstraint("tokens > 0", name="plans_tokens"),
+        sa.CheckConstraint("valid_days IS NULL OR valid_days > 0", name="plans_valid_days"),
+        sa.CheckConstraint("kind <> 'trial' OR valid_days IS NOT NULL", name="plans_trial_expires"),
+        sa.CheckConstraint("rollover IN (0, 1) AND (rollover = 0 OR kind = 'monthly')", name="plans_rollover"),
+    )
+    sa.Table(
+        "subscriptions",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id"), nullable=False),
+        sa.Column("plan_id", sa.Integer, sa.ForeignKey("plans.id"), nullable=False),
+        sa.Column("started_at", sa.Text, nullable=False),
+        sa.Column("cancelled_at", sa.Text),  # the month under way runs out; no renewal after it
+        # one live subscription per tenant and plan
+        sa.Index("subscriptions_one_live", "tenant_id", "plan_id", unique=True,
+                 sqlite_where=sa.text("cancelled_at IS NULL"), postgresql_where=sa.text("cancelled_at IS NULL")),
+    )  # fmt: skip
+
+
+def _v4_plans(conn) -> None:
+    """Plans and categories: a package now says what it is (a pack, a month of a subscription, a
+    trial), which model category it covers (null: all), the plan it was bought under, and, for a
+    month, its subscription, the period it covers and what it carried over from the month before.
+    A tenant has one trial, ever (a unique index, so two purchases at once cannot both pass), and
+    a subscription one package per period (so two renewals at once cannot both create it)."""
+    _create(conn, v4_tables)
+    for column in (
+        "kind TEXT NOT NULL DEFAULT 'pack' CHECK (kind IN ('pack', 'monthly', 'trial'))",
+        "category TEXT",
+        "plan_id INTEGER REFERENCES plans (id)",
+        "subscription_id INTEGER REFERENCES subscriptions (id)",
+        "period_start TEXT",
+        "rolled_in BIGINT NOT NULL DEFAULT 0 CHECK (rolled_in >= 0)",
+    ):
+        conn.exec_driver_sql(f"ALTER TABLE packages ADD COLUMN {column}")
+    conn.exec_driver_sql("CREATE UNIQUE INDEX packages_one_trial ON packages (tenant_id) WHERE kind = 'trial'")
+    conn.exec_driver_sql(
+        "CREATE UNIQUE INDEX packages_one_period ON packages (subscription_id, period_start)"
+        " WHERE subscription_id IS NOT NULL"
+    )
+    _procedures(conn, 4)
 
 
 def _create(conn, tables) -> None:
@@ -184,6 +246,12 @@ class Package:
     currency: str
     expires_at: datetime | None  # None: never expires
     created_at: datetime
+    kind: str = "pack"  # PLAN_KINDS
+    category: str | None = None  # the model category it covers; None: every model
+    plan: str | None = None  # the plan it was bought under; None: granted directly
+    renews_at: datetime | None = None  # a month of a live subscription: when the next month's arrives
+    period_start: datetime | None = None  # a month: the start of the calendar month it covers
+    rolled_in: int = 0  # of tokens_total, carried over from the month before
 
     @property
     def tokens_available(self) -> int:
@@ -240,15 +308,27 @@ KEY_SQL = (
 )
 PACKAGE_SQL = (
     "SELECT p.id, t.name, p.tokens_total, p.tokens_used, p.tokens_reserved, p.price, p.currency,"
-    " p.expires_at, p.created_at FROM packages p JOIN tenants t ON t.id = p.tenant_id"
+    " p.expires_at, p.created_at, p.kind, p.category, pl.name,"
+    " CASE WHEN s.id IS NOT NULL AND s.cancelled_at IS NULL THEN p.expires_at END, p.period_start, p.rolled_in"
+    " FROM packages p JOIN tenants t ON t.id = p.tenant_id LEFT JOIN plans pl ON pl.id = p.plan_id"
+    " LEFT JOIN subscriptions s ON s.id = p.subscription_id"
+)
+PLAN_SQL = (
+    "SELECT name, kind, tokens, price, currency, valid_days, category, rollover, created_at, retired_at FROM plans"
 )
 USAGE_SQL = (
     "SELECT u.request_id, t.name, u.model, u.replica, u.prompt_tokens, u.completion_tokens, u.overage_tokens,"
     " u.energy_j, u.energy_source, u.cost, u.currency, u.status, u.started_at, u.finished_at, u.cached_tokens,"
     " u.billed_tokens FROM usage u JOIN tenants t ON t.id = u.tenant_id"
 )
-# Soonest expiry first, never-expiring last, then oldest grant: spend what would be lost first.
-SPEND_ORDER = "ORDER BY CASE WHEN p.expires_at IS NULL THEN 1 ELSE 0 END, p.expires_at, p.id"
+# The spend order: a trial first (it is free, and it is the one meant to run out), then soonest
+# expiry first, never-expiring last, then oldest: spend what would be lost first.
+SPEND_ORDER = (
+    "ORDER BY CASE WHEN p.kind = 'trial' THEN 0 ELSE 1 END, CASE WHEN p.expires_at IS NULL THEN 1 ELSE 0 END,"
+    " p.expires_at, p.id"
+)
+# The packages a request for a model of category :category may spend (a None category: any).
+COVERS = "(CAST(:category AS TEXT) IS NULL OR p.category IS NULL OR p.category = :category)"
 
 
 def tenant_from(row) -> Tenant:
@@ -261,7 +341,30 @@ def key_from(row) -> KeyInfo:
 
 def package_from(row) -> Package:
     price = None if row[5] is None else Decimal(row[5])
-    return Package(row[0], row[1], row[2], row[3], row[4], price, row[6], from_text(row[7]), from_text(row[8]))
+    return Package(
+        row[0], row[1], row[2], row[3], row[4], price, row[6], from_text(row[7]), from_text(row[8]), row[9], row[10],
+        row[11], from_text(row[12]), from_text(row[13]), int(row[14]),
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    kind: str  # PLAN_KINDS
+    tokens: int  # factory tokens per pack, trial or month
+    price: Decimal | None
+    currency: str
+    valid_days: int | None  # pack / trial: days from purchase; None: a pack that never expires
+    category: str | None  # None: every model
+    rollover: bool  # monthly: unused tokens carry into the next month (else they expire with it)
+    created_at: datetime
+    retired_at: datetime | None  # no longer sold
+
+
+def plan_from(row) -> Plan:
+    price = None if row[3] is None else Decimal(row[3])
+    return Plan(row[0], row[1], int(row[2]), price, row[4], row[5], row[6], bool(row[7]), from_text(row[8]),
+                from_text(row[9]))  # fmt: skip
 
 
 def usage_from(row) -> UsageRecord:
@@ -288,9 +391,10 @@ class UnknownTenant(LedgerError):
 
 
 class QuotaExceeded(LedgerError):
-    def __init__(self, *, available: int, requested: int = 0, tenant: str = ""):
-        super().__init__(f"tenant {tenant!r} asked for {requested} tokens but has {available} available")
-        self.available, self.requested, self.tenant = available, requested, tenant
+    def __init__(self, *, available: int, requested: int = 0, tenant: str = "", category: str | None = None):
+        scope = "" if category is None else f" for category {category!r}"
+        super().__init__(f"tenant {tenant!r} asked for {requested} tokens but has {available} available{scope}")
+        self.available, self.requested, self.tenant, self.category = available, requested, tenant, category
 
 
 def when_text(when: datetime | None) -> str | None:
@@ -308,6 +412,11 @@ def when_text(when: datetime | None) -> str | None:
 def check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise LedgerError(f"bad tenant name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -")
+
+
+def check_category(category: str | None) -> None:
+    if category is not None and (not isinstance(category, str) or not _NAME.fullmatch(category)):
+        raise LedgerError(f"bad category {category!r}: use 1-64 characters from A-Z a-z 0-9 . _ -")
 
 
 def check_priority(priority: str) -> None:

@@ -10,6 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from factory.metering.schema import (
+    COVERS,
     SPEND_ORDER,
     STATUSES,
     USAGE_SQL,
@@ -17,6 +18,7 @@ from factory.metering.schema import (
     Tenant,
     UnknownTenant,
     UsageRecord,
+    check_category,
     check_count,
     check_currency,
     check_name,
@@ -51,6 +53,7 @@ class Settlement:
     started_at: str | None  # when_text
     finished_at: datetime
     reserved: bool
+    category: str | None = None  # the model's category: what an unreserved charge may spend
 
 
 def checked(
@@ -71,6 +74,7 @@ def checked(
     reserved: bool = False,
     cached_tokens: int = 0,
     billed_tokens: int | None = None,
+    category: str | None = None,
 ) -> Settlement:
     """Check what a request used before anything is written. `billed_tokens`: factory tokens
     (default the raw count, prompt + completion: rates of 1). `reserved`: it was admitted with a
@@ -85,6 +89,7 @@ def checked(
     check_count(billed_tokens, "billed_tokens")
     check_real(energy_j, "energy_j")
     check_currency(currency)
+    check_category(category)
     if status not in STATUSES:
         raise LedgerError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
     finished_at = finished_at or utcnow()
@@ -92,7 +97,7 @@ def checked(
     return Settlement(
         request_id, tenant, prompt_tokens, completion_tokens, cached_tokens, billed_tokens, float(energy_j),
         energy_source, money_text(cost, "cost"), currency, model, replica, status, when_text(started_at),
-        finished_at, bool(reserved),
+        finished_at, bool(reserved), category,
     )  # fmt: skip
 
 
@@ -113,7 +118,7 @@ def settle(db, request_id: str, **fields) -> UsageRecord:
         owner_id = tenant_id(db, s.tenant)
     elif held is None:  # reserved once, but the reservation expired before this settlement
         owner_id = tenant_id(db, s.tenant)
-        overage_tok = charge_available(db, owner_id, s.billed_tokens, s.finished_at)
+        overage_tok = charge_available(db, owner_id, s.billed_tokens, s.finished_at, s.category)
     else:
         owner_id, holder = held
         if holder != s.tenant:
@@ -133,7 +138,7 @@ def settle(db, request_id: str, **fields) -> UsageRecord:
         drop_reservation(db, request_id)
         # Used more than reserved: take the excess from whatever is still available (the
         # reservation's own packages included).
-        overage_tok = charge_available(db, owner_id, left, s.finished_at)
+        overage_tok = charge_available(db, owner_id, left, s.finished_at, s.category)
     db.execute(
         "INSERT INTO usage (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens, overage_tokens,"
         " energy_j, energy_source, cost, currency, status, started_at, finished_at, cached_tokens, billed_tokens)"
@@ -147,10 +152,10 @@ def settle(db, request_id: str, **fields) -> UsageRecord:
     return usage_from(db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone())
 
 
-def charge_available(db, tenant_id: int, tokens: int, at: datetime) -> int:
-    """Charge `tokens` to the tenant's live packages in spending order; returns what no package
-    could cover (the overage)."""
-    for package_id, part in split(spendable(db, tenant_id, at), tokens):
+def charge_available(db, tenant_id: int, tokens: int, at: datetime, category: str | None = None) -> int:
+    """Charge `tokens` to the tenant's live packages covering `category` in spending order;
+    returns what no package could cover (the overage)."""
+    for package_id, part in split(spendable(db, tenant_id, at, category), tokens):
         db.execute("UPDATE packages SET tokens_used = tokens_used + :part WHERE id = :id", part=part, id=package_id)
         tokens -= part
     return tokens
@@ -179,12 +184,14 @@ def drop_reservation(db, request_id: str) -> None:
     db.execute("DELETE FROM reservations WHERE request_id = :r", r=request_id)
 
 
-def spendable(db, tenant_id: int, now: datetime) -> list[tuple[int, int]]:
-    """(package_id, available tokens) of the tenant's live packages, in spending order."""
+def spendable(db, tenant_id: int, now: datetime, category: str | None = None) -> list[tuple[int, int]]:
+    """(package_id, available tokens) of the tenant's live packages that cover `category` (None:
+    any package), in spending order."""
     free = "p.tokens_total - p.tokens_used - p.tokens_reserved"
     rows = db.execute(
-        f"SELECT p.id, {free} FROM packages p WHERE p.tenant_id = :tenant_id AND {LIVE} AND {free} > 0 {SPEND_ORDER}",
-        tenant_id=tenant_id, now=when_text(now),
+        f"SELECT p.id, {free} FROM packages p WHERE p.tenant_id = :tenant_id AND {LIVE} AND {COVERS} AND {free} > 0"
+        f" {SPEND_ORDER}",
+        tenant_id=tenant_id, now=when_text(now), category=category,
     )  # fmt: skip
     return [(package_id, int(available)) for package_id, available in rows]
 

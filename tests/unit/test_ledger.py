@@ -32,21 +32,6 @@ from factory.metering.schema import MIGRATIONS, SCHEMA_VERSION
 T0 = (datetime.now(timezone.utc) + timedelta(days=365)).replace(microsecond=0)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request, tmp_path) -> str:
-    """Where the test's ledger lives: a fresh SQLite file, or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        return str(tmp_path / "ledger.db")
-    return request.getfixturevalue("pg_url")
-
-
-@pytest.fixture()
-def ledger(target):
-    led = Ledger(target)
-    yield led
-    led.close()
-
-
 def raw_engine(ledger: Ledger) -> sa.Engine:
     """A connection of our own to the ledger's database, past the Ledger's code."""
     return sa.create_engine(ledger.url, poolclass=sa.pool.NullPool)
@@ -127,7 +112,7 @@ def test_schema_is_versioned_and_migrated_once_by_racing_openers(target):
             conn.execute(sa.text("INSERT INTO schema_version (version) VALUES (:v)"), {"v": SCHEMA_VERSION + 1})
         engine.dispose()
     assert tables == {"schema_version", "tenants", "api_keys", "packages", "reservations", "reservation_parts",
-                      "usage"}  # fmt: skip
+                      "usage", "plans", "subscriptions"}  # fmt: skip
     with pytest.raises(LedgerError, match=f"schema v{SCHEMA_VERSION + 1}; this factory knows v{SCHEMA_VERSION}"):
         Ledger(target)
 
@@ -514,25 +499,31 @@ def test_both_backends_keep_one_ledger_through_a_random_history(tmp_path, pg_url
         tenant = rng.choice(["a", "b", "c"])
         rid = f"r{rng.randrange(120)}"  # ids repeat: duplicates and retried settlements happen
         history.append((rng.choice(["reserve", "reserve", "settle", "settle", "late", "free", "release", "expire"]),
-                        tenant, rid, rng.randint(0, 60), rng.randint(0, 40), step))  # fmt: skip
+                        tenant, rid, rng.randint(0, 60), rng.randint(0, 40), step,
+                        rng.choice([None, "general", "coding"])))  # fmt: skip
 
     def play(target: str) -> tuple:
         outcomes = []
         with Ledger(target) as led:
+            led.create_plan("try-it", "trial", 40, valid_days=1)
             for tenant in "abc":
                 led.create_tenant(tenant)
-                for k, expires in enumerate([T0 + timedelta(hours=1), None, T0 + timedelta(minutes=30)]):
-                    led.grant_package(tenant, 150 + 50 * k, expires_at=expires)
-            for op, tenant, rid, a, b, step in history:
+                # An all-models pack, a general one, a coding one and a trial, spent trial first.
+                for k, (expires, category) in enumerate([(T0 + timedelta(hours=1), None), (None, "general"),
+                                                         (T0 + timedelta(minutes=30), "coding")]):  # fmt: skip
+                    led.grant_package(tenant, 150 + 50 * k, expires_at=expires, category=category)
+                if tenant != "c":
+                    led.buy(tenant, "try-it", now=T0 - timedelta(hours=3))
+            for op, tenant, rid, a, b, step, category in history:
                 now = T0 - timedelta(hours=2) + timedelta(minutes=step)  # ~7 h: packages expire on the way
                 try:
                     if op == "reserve":
-                        led.reserve(rid, tenant, a, ttl_s=rng_ttl(step), now=now)
+                        led.reserve(rid, tenant, a, ttl_s=rng_ttl(step), now=now, category=category)
                     elif op in ("settle", "late", "free"):
                         # Billed in factory tokens at 1 / 0.5 / 2 (cached: a quarter of the prompt).
                         billed = (a // 2 - a // 4) + (a // 4 + 1) // 2 + 2 * b
                         settle(led, rid, tenant, a // 2, b, finished_at=now, reserved=op != "free",
-                               cached_tokens=a // 4, billed_tokens=billed)  # fmt: skip
+                               cached_tokens=a // 4, billed_tokens=billed, category=category)  # fmt: skip
                     elif op == "release":
                         outcomes.append(led.release(rid))
                     else:
@@ -540,7 +531,7 @@ def test_both_backends_keep_one_ledger_through_a_random_history(tmp_path, pg_url
                     outcomes.append(op)
                 except LedgerError as err:
                     outcomes.append(type(err).__name__)
-            state = [(p.tenant, p.tokens_total, p.tokens_used, p.tokens_reserved) for t in "abc"
+            state = [(p.tenant, p.kind, p.category, p.tokens_total, p.tokens_used, p.tokens_reserved) for t in "abc"
                      for p in led.list_packages(t)]  # fmt: skip
             usage = sorted((u.request_id, u.tenant, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
                             u.billed_tokens, u.overage_tokens) for u in led.usage())  # fmt: skip
@@ -551,10 +542,11 @@ def test_both_backends_keep_one_ledger_through_a_random_history(tmp_path, pg_url
 
     sqlite_run, postgres_run = play(str(tmp_path / "ledger.db")), play(pg_url)
     assert sqlite_run == postgres_run
-    outcomes, _, usage, _ = sqlite_run
-    # The history exercised what it claims to: refusals, duplicates, overage.
+    outcomes, state, usage, _ = sqlite_run
+    # The history exercised what it claims to: refusals, duplicates, overage, every kind spent.
     assert {"QuotaExceeded", "LedgerError", "reserve", "settle"} <= set(outcomes)
     assert any(overage > 0 for *_, overage in usage)
+    assert all(used > 0 for _, kind, _, _, used, _ in state), state
 
 
 def test_postgresql_restart_costs_no_call_a_dead_connection(postgres, pg_url):
@@ -695,19 +687,21 @@ def test_two_models_at_different_rates_race_for_a_package_of_fifty_requests(targ
 
 def test_a_ledger_from_before_rates_migrates_its_usage_to_raw_billing(target):
     """A schema v2 ledger (no cached or billed counts) opened by this factory: its usage rows are
-    billed their raw count, and settlement goes on charging factory tokens."""
+    billed their raw count, and settlement goes on charging factory tokens. (It passes through v3
+    to v4: its package becomes a plain pack for every category.)"""
     with Ledger(target) as led:  # today's schema, taken down below and rebuilt at v2
         engine = raw_engine(led)
     with engine.begin() as conn:
-        for table in ("usage", "reservation_parts", "reservations", "api_keys", "packages", "tenants"):
+        for table in ("usage", "reservation_parts", "reservations", "api_keys", "packages", "subscriptions", "plans",
+                      "tenants"):  # fmt: skip
             conn.execute(sa.text(f"DROP TABLE {table}"))
         conn.execute(sa.text("DROP TABLE schema_version"))
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("DROP FUNCTION factory_settle(" + ", ".join(
                 ["text", "text", "bigint", "bigint", "double precision"] + ["text"] * 8 + ["boolean", "text", "bigint",
-                 "bigint"]) + ")"))  # fmt: skip
-            conn.execute(sa.text("DROP FUNCTION factory_reserve(text, text, bigint, text, text)"))
-            conn.execute(sa.text("DROP FUNCTION factory_charge_available(integer, bigint, text)"))
+                 "bigint", "text"]) + ")"))  # fmt: skip
+            conn.execute(sa.text("DROP FUNCTION factory_reserve(text, text, bigint, text, text, text)"))
+            conn.execute(sa.text("DROP FUNCTION factory_charge_available(integer, bigint, text, text)"))
         for version in (1, 2):
             MIGRATIONS[version](conn)
             conn.execute(sa.text("INSERT INTO schema_version (version) VALUES (:v)"), {"v": version})
@@ -723,15 +717,19 @@ def test_a_ledger_from_before_rates_migrates_its_usage_to_raw_billing(target):
             " overage_tokens, energy_j, energy_source, cost, currency, status, finished_at)"
             " SELECT 'before', id, 'm', '', 3, 4, 0, 1.0, 'modeled', '0.1', 'CNY', 'completed', :t FROM tenants"
         ), {"t": T0.isoformat()})  # fmt: skip
+        conn.execute(sa.text("INSERT INTO packages (tenant_id, tokens_total, tokens_used, tokens_reserved, currency,"
+                             " created_at) SELECT id, 100, 0, 0, 'CNY', :t FROM tenants"),
+                     {"t": T0.isoformat()})  # fmt: skip
     engine.dispose()
     with Ledger(target) as led:
         [old] = led.usage("old")
         assert (old.prompt_tokens, old.completion_tokens, old.cached_tokens, old.billed_tokens) == (3, 4, 0, 7)
-        led.grant_package("old", 100)
-        led.reserve("after", "old", 30, ttl_s=60)
+        [pkg] = led.list_packages("old")
+        assert (pkg.kind, pkg.category, pkg.plan, pkg.rolled_in) == ("pack", None, None, 0)
+        led.reserve("after", "old", 30, ttl_s=60, category="coding")
         assert settle(led, "after", "old", 10, 10, cached_tokens=4, billed_tokens=13).billed_tokens == 13
         assert led.balance("old")["used"] == 13
     if raw_engine(led).dialect.name == "postgresql":
         with raw_engine(led).connect() as conn:
             arities = conn.execute(sa.text("SELECT pronargs FROM pg_proc WHERE proname = 'factory_settle'")).all()
-        assert arities == [(17,)]  # the v2 function dropped, v3's in its place
+        assert arities == [(18,)]  # the v2 function dropped, v3's replaced by v4's (a model category)

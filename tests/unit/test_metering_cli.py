@@ -15,7 +15,7 @@ from decimal import Decimal
 import pytest
 
 from factory.metering.cli import add_commands
-from factory.metering.ledger import Ledger
+from factory.metering.ledger import Ledger, LedgerError
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 
@@ -205,7 +205,10 @@ def test_migrate_copies_a_sqlite_ledger_into_postgresql_and_ties_out(tmp_path, p
     with Ledger(source) as ledger:
         _, token = ledger.create_key("acme", label="kept")
         package = ledger.grant_package("acme", 1000, price=Decimal("9.90"))
-        ledger.reserve("in-flight", "acme", 40, ttl_s=600)
+        ledger.create_plan("monthly", "monthly", 500, category="coding")
+        ledger.create_plan("try", "trial", 50, valid_days=7)
+        month, trial = ledger.buy("acme", "monthly"), ledger.buy("acme", "try")
+        ledger.reserve("in-flight", "acme", 40, ttl_s=600)  # from the trial: it is spent first
     args = parser().parse_args(["ledger", "migrate", "--ledger", str(source), "--to", pg_url])
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -213,8 +216,14 @@ def test_migrate_copies_a_sqlite_ledger_into_postgresql_and_ties_out(tmp_path, p
 
     with Ledger(pg_url) as copied:
         assert copied.verify_key(token).tenant == "acme"  # keys keep working: their hashes moved
-        assert copied.balance("acme") == {"total": 1000, "used": 0, "reserved": 40, "available": 960}
-        assert [p.id for p in copied.list_packages("acme")] == [package.id]
+        assert copied.balance("acme") == {"total": 1550, "used": 0, "reserved": 40, "available": 1510}
+        assert [(p.id, p.kind, p.tokens_reserved) for p in copied.list_packages("acme")] == [
+            (trial.id, "trial", 40), (month.id, "monthly", 0), (package.id, "pack", 0)]  # fmt: skip
+        assert [p.name for p in copied.list_plans()] == ["monthly", "try"]
+        assert copied.renew() == []  # the subscription and its month came along
+        with pytest.raises(LedgerError, match="already has its free trial"):
+            copied.buy("acme", "try")
+        assert copied.create_plan("pack", "pack", 10).name == "pack"  # new plan ids follow the copied ones
         assert len(copied.usage()) == 3
         copied.settle("in-flight", tenant="acme", prompt_tokens=5, completion_tokens=5, energy_j=1.0,
                       energy_source="nvml", cost=Decimal("0.01"), currency="CNY", model="tiny")  # fmt: skip
