@@ -157,6 +157,7 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         cfg.ledger_target,
         reservation_ttl_s=cfg.reservation_ttl_s,
         commit_interval_ms=cfg.ledger.commit_interval_ms,
+        timezone=cfg.cost.timezone,
     )
     governor = _singleton(PowerGovernor, max_ongoing_requests=100_000).bind(
         cfg.power.budget.model_dump(), cfg.power.governor.model_dump()
@@ -179,6 +180,7 @@ def build_application(cfg: FactoryConfig, resolved: dict[str, ResolvedModel], gp
         "precision_reference": {m.served_name: m.precision_reference for m in cfg.models},
         # What each model's tokens cost in factory tokens, the unit packages are sold in.
         "rates": {m.served_name: rates.for_model(m, cfg.scheduler, gpu)[0] for m in cfg.models},
+        "categories": {m.served_name: m.category for m in cfg.models},
     }
     shape = next(iter(configs.values()))
     options: dict = {

@@ -179,6 +179,14 @@ class ModelConfig(_Strict):
             "scheduler.profile names for its device."
         ),
     )
+    category: str = Field(
+        "general",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description=(
+            "The model's category (general, coding, ...): a package or plan limited to a category pays "
+            "only for models of it; a package without one pays for every model."
+        ),
+    )
 
     @field_validator("name")
     @classmethod
@@ -346,7 +354,13 @@ class CostConfig(_Strict):
     tou: list[TouPeriodConfig] = Field(
         default_factory=list, description="Time-of-use tariff: periods covering the whole day without overlap."
     )
-    timezone: str = Field("UTC", description="IANA zone the time-of-use periods are in (e.g. Asia/Shanghai).")
+    timezone: str = Field(
+        "UTC",
+        description=(
+            "The operator's IANA zone (e.g. Asia/Shanghai): the time-of-use periods are in it, and monthly "
+            "plans renew at midnight on the 1st in it."
+        ),
+    )
     pue: Decimal = Field(
         Decimal("1.2"), ge=1, description="Power usage effectiveness: facility energy per unit of device energy."
     )

@@ -68,6 +68,7 @@ def tiny_factory(tiny_model_dir, tmp_path_factory, keys):
         ledger={"path": str(keys.ledger_path)},
         # Levels fall after 1 s clear of their threshold (5 s by default), so power tests end quickly.
         power={"governor": {"hold_s": 1.0}},
+        cost={"timezone": "Asia/Shanghai"},  # the operator's zone: monthly plans renew by its calendar
     )
     with serving(
         FactoryProcess(config, work / "serve.log", port), probe_chat_model=TINY_MODEL, probe_headers=bearer(keys.tenant)

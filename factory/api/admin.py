@@ -1,6 +1,6 @@
 """The operator's `/admin` HTTP API and the tenant's own `/v1/usage`, on every replica.
 
-Mirrors the `factory tenants|keys|packages|usage` commands; every call goes to the ledger
+Mirrors the `factory tenants|keys|packages|plans|usage` commands; every call goes to the ledger
 deployment. With `auth: required`, `/admin` needs the admin key (401 without a valid key, 403
 with a tenant's key) and `/v1/usage` shows only the caller's own tenant. With `auth: disabled`
 (loopback only) both are open.
@@ -42,6 +42,25 @@ class PackageIn(_Body):
     expires_at: datetime | None = None
     price: Decimal | None = Field(None, ge=0)
     currency: str = "CNY"
+    category: str | None = Field(None, description="The model category it pays for; null: every model.")
+
+
+class PlanIn(_Body):
+    name: str
+    kind: Literal["pack", "monthly", "trial"]
+    tokens: int = Field(gt=0, description="Factory tokens per pack, trial or month.")
+    price: Decimal | None = Field(None, ge=0)
+    currency: str = "CNY"
+    valid_days: int | None = Field(
+        None, gt=0, description="pack / trial: days from purchase (null: a pack never expires)."
+    )
+    category: str | None = Field(None, description="The model category it pays for; null: every model.")
+    rollover: bool = Field(False, description="monthly: unused tokens carry into the next month.")
+
+
+class PurchaseIn(_Body):
+    tenant: str
+    plan: str
 
 
 def bearer_token(request: Request) -> str | None:
@@ -119,8 +138,50 @@ async def admin_grant_package(body: PackageIn, request: Request) -> JSONResponse
         expires_at=body.expires_at,
         price=body.price,
         currency=body.currency,
+        category=body.category,
     )
     return JSONResponse(result, 201)
+
+
+@router.get("/admin/plans")
+async def admin_list_plans(request: Request, include_retired: bool = False) -> JSONResponse:
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    return JSONResponse({"data": await ctx.ledger_op("list_plans", include_retired=include_retired)})
+
+
+@router.post("/admin/plans")
+async def admin_create_plan(body: PlanIn, request: Request) -> JSONResponse:
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    fields = body.model_dump()
+    return JSONResponse(await ctx.ledger_op("create_plan", **fields), 201)
+
+
+@router.delete("/admin/plans/{name}")
+async def admin_retire_plan(name: str, request: Request) -> JSONResponse:
+    """Stop selling a plan; what was bought stands."""
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    return JSONResponse(await ctx.ledger_op("retire_plan", name=name))
+
+
+@router.post("/admin/purchases")
+async def admin_buy(body: PurchaseIn, request: Request) -> JSONResponse:
+    """A tenant buys a plan: its package (a monthly plan: a subscription and this month's package)."""
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    return JSONResponse(await ctx.ledger_op("buy", tenant=body.tenant, plan=body.plan), 201)
+
+
+@router.delete("/admin/subscriptions/{tenant}/{plan}")
+async def admin_cancel_subscription(tenant: str, plan: str, request: Request) -> JSONResponse:
+    """No renewal after the month under way."""
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    if not await ctx.ledger_op("cancel_subscription", tenant=tenant, plan=plan):
+        raise APIError(404, f"Tenant '{tenant}' has no live subscription to '{plan}'.", code="subscription_not_found")
+    return JSONResponse({"tenant": tenant, "plan": plan, "cancelled": True})
 
 
 @router.get("/admin/packages")
@@ -180,4 +241,11 @@ async def _usage_response(
     body: dict[str, Any] = {"data": rows}
     if with_balance:
         body["balance"] = await ctx.ledger_op("balance", tenant=tenant)
+        # Each live package: what is left of it, the category it pays for, when it expires or renews.
+        packages = await ctx.ledger_op("list_packages", tenant=tenant, live_only=True)
+        body["packages"] = [{k: p[k] for k in _PACKAGE_VIEW} for p in packages]
     return JSONResponse(body)
+
+
+_PACKAGE_VIEW = ("id", "kind", "plan", "category", "tokens_total", "tokens_used", "tokens_reserved",
+                 "tokens_available", "expires_at", "renews_at", "period_start", "rolled_in")  # fmt: skip

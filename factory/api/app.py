@@ -40,6 +40,7 @@ class ReplicaContext:
     """What one replica's routes share."""
 
     model: str  # the model this replica serves
+    category: str  # its category: the packages that may pay for it
     models: dict[str, int]  # every configured model -> its max_model_len (what /v1/models lists)
     billing: Billing
     hub: DeploymentHandle
@@ -103,7 +104,7 @@ class ReplicaContext:
     async def admit(self, ticket: Ticket) -> None:
         """Key and reservation of the request's worst case in one ledger call, then the power gate."""
         if self.auth_required:
-            answer = await self.ledger.admit.remote(ticket.token, ticket.key, ticket.worst_tokens)
+            answer = await self.ledger.admit.remote(ticket.token, ticket.key, ticket.worst_tokens, self.category)
             if not answer["ok"]:
                 raise Refused(ledger_refusal(answer))
             ticket.tenant, ticket.priority, ticket.reserved = answer["tenant"], answer["priority"], True

@@ -37,8 +37,10 @@ class Billing:
         model: str,
         replica: str,
         rates: Rates = RAW,
+        category: str | None = None,
     ):
         self._rates = rates  # the model's factory tokens per raw token (metering/rates.py)
+        self._category = category  # the model's category: what a charge past the reservation may spend
         self._meter = meter
         self._cost = cost
         self._ledger = ledger
@@ -129,6 +131,7 @@ class Billing:
                 "reserved": ticket.reserved,
                 "cached_tokens": cached_tokens,
                 "billed_tokens": billed,
+                "category": self._category,
             }
         )
         return cost, billed

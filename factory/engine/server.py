@@ -87,10 +87,12 @@ class FactoryLLMServer(LLMServer):
             self._meter.start()
         cost = cost_model(settings["cost"])
         self._rates = settings["rates"][self._model]
+        category = settings["categories"][self._model]
         self._ctx = ReplicaContext(
             model=self._model,
+            category=category,
             models=dict(settings["max_model_len"]),
-            billing=Billing(self._meter, cost, ledger, self._model, self._replica_id, self._rates),
+            billing=Billing(self._meter, cost, ledger, self._model, self._replica_id, self._rates, category),
             hub=hub,
             ledger=ledger,
             governor=governor,

@@ -1,4 +1,4 @@
-"""`factory tenants | keys | packages | usage | ledger`: the operator's hands on the ledger.
+"""`factory tenants | keys | packages | plans | usage | ledger`: the operator's hands on the ledger.
 
 Every command takes `--ledger` as a SQLite path or a `postgresql://` URL (default
 $FACTORY_LEDGER, else $FACTORY_HOME/ledger.db). Every handler returns an exit code: 0 done,
@@ -124,19 +124,83 @@ def _packages_grant(ledger: Ledger, args: argparse.Namespace) -> None:
     tokens = _parse_int(args.tokens, "--tokens")
     expires_at = None if args.expires is None else _parse_time(args.expires, "--expires", end_of_day=True)
     price = None if args.price is None else _parse_money(args.price, "--price")
-    p = ledger.grant_package(args.tenant, tokens, expires_at=expires_at, price=price, currency=args.currency)
+    p = ledger.grant_package(
+        args.tenant, tokens, expires_at=expires_at, price=price, currency=args.currency, category=args.category
+    )
+    _say_package(p)
+
+
+def _say_package(p) -> None:
     paid = "" if p.price is None else f", paid {p.price:f} {p.currency}"
-    print(f"package {p.id}: {p.tokens_total} tokens for {p.tenant}, expires {_iso(p.expires_at) or 'never'}{paid}")
+    scope = "every model" if p.category is None else f"category {p.category}"
+    renews = "" if p.renews_at is None else ", renews then"
+    print(f"package {p.id} ({p.kind}): {p.tokens_total} factory tokens for {p.tenant}, {scope}, "
+          f"expires {_iso(p.expires_at) or 'never'}{renews}{paid}")  # fmt: skip
 
 
 @_command
 def _packages_list(ledger: Ledger, args: argparse.Namespace) -> None:
     rows = [
-        (p.id, p.tokens_total, p.tokens_used, p.tokens_reserved, p.tokens_available, _iso(p.expires_at) or "never",
+        (p.id, p.kind, p.plan or "-", p.category or "*", p.tokens_total, p.tokens_used, p.tokens_reserved,
+         p.tokens_available, _iso(p.expires_at) or "never", _iso(p.renews_at) or "-",
          "" if p.price is None else f"{p.price:f} {p.currency}")
         for p in ledger.list_packages(args.tenant)
     ]  # fmt: skip
-    _print_table(("id", "total", "used", "reserved", "available", "expires_at", "price"), rows)
+    _print_table(("id", "kind", "plan", "category", "total", "used", "reserved", "available", "expires_at",
+                  "renews_at", "price"), rows)  # fmt: skip
+
+
+# -- plans --------------------------------------------------------------------------------
+
+
+@_command
+def _plans_create(ledger: Ledger, args: argparse.Namespace) -> None:
+    plan = ledger.create_plan(
+        args.name, args.kind, _parse_int(args.tokens, "--tokens"),
+        price=None if args.price is None else _parse_money(args.price, "--price"), currency=args.currency,
+        valid_days=None if args.valid_days is None else _parse_int(args.valid_days, "--valid-days"),
+        category=args.category, rollover=args.rollover,
+    )  # fmt: skip
+    print(f"plan {plan.name}: {plan.kind}, {plan.tokens} factory tokens")
+
+
+@_command
+def _plans_list(ledger: Ledger, args: argparse.Namespace) -> None:
+    rows = [
+        (p.name, p.kind, p.tokens, "" if p.price is None else f"{p.price:f} {p.currency}",
+         "" if p.valid_days is None else p.valid_days, p.category or "*", "yes" if p.rollover else "",
+         _iso(p.retired_at))
+        for p in ledger.list_plans(include_retired=args.all)
+    ]  # fmt: skip
+    _print_table(("name", "kind", "tokens", "price", "valid_days", "category", "rollover", "retired_at"), rows)
+
+
+@_command
+def _plans_retire(ledger: Ledger, args: argparse.Namespace) -> None:
+    ledger.retire_plan(args.name)
+    print(f"plan {args.name} is no longer sold; what was bought stands")
+
+
+@_command
+def _plans_buy(ledger: Ledger, args: argparse.Namespace) -> None:
+    _say_package(ledger.buy(args.tenant, args.plan, tz=args.timezone))
+
+
+@_command
+def _plans_cancel(ledger: Ledger, args: argparse.Namespace) -> int:
+    if not ledger.cancel_subscription(args.tenant, args.plan):
+        print(f"factory: tenant {args.tenant!r} has no live subscription to {args.plan!r}", file=sys.stderr)
+        return 2
+    print(f"cancelled: {args.tenant}'s {args.plan} runs out with the month under way")
+    return 0
+
+
+@_command
+def _plans_renew(ledger: Ledger, args: argparse.Namespace) -> None:
+    created = ledger.renew()
+    for p in created:
+        _say_package(p)
+    print(f"{len(created)} subscription(s) renewed")
 
 
 # -- usage --------------------------------------------------------------------------------
@@ -339,8 +403,43 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expires", default=None, help="YYYY-MM-DD (good through that day, UTC) or ISO datetime")
     p.add_argument("--price", default=None, help="what the tenant paid, e.g. 99.50")
     p.add_argument("--currency", default="CNY", help="ISO 4217 code (default CNY)")
+    p.add_argument("--category", default=None, help="the model category it pays for (default: every model)")
     p = leaf(packages, "list", _packages_list, "a tenant's packages and what is left of them")
     p.add_argument("--tenant", required=True)
+
+    plans = sub.add_parser("plans", help="the plan catalogue: packs, monthly subscriptions, trials").add_subparsers(
+        dest="plans_command", required=True
+    )
+    p = leaf(plans, "create", _plans_create, "add a plan to the catalogue")
+    p.add_argument("name")
+    p.add_argument("--kind", required=True, choices=("pack", "monthly", "trial"))
+    p.add_argument("--tokens", required=True, help="factory tokens per pack, trial or month")
+    p.add_argument("--price", default=None, help="e.g. 9.9")
+    p.add_argument("--currency", default="CNY", help="ISO 4217 code (default CNY)")
+    p.add_argument("--valid-days", default=None, help="pack / trial: days from purchase (a trial needs it)")
+    p.add_argument("--category", default=None, help="the model category it pays for (default: every model)")
+    p.add_argument("--rollover", action="store_true", help="monthly: unused tokens carry into the next month")
+    p = leaf(plans, "list", _plans_list, "the plans on sale")
+    p.add_argument("--all", action="store_true", help="retired ones too")
+    p = leaf(plans, "retire", _plans_retire, "stop selling a plan")
+    p.add_argument("name")
+    p = leaf(plans, "buy", _plans_buy, "a tenant buys a plan (a monthly plan: subscribes)")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("plan")
+    p.add_argument(
+        "--timezone",
+        default="UTC",
+        help="monthly: the IANA zone its months are counted in (the config's cost.timezone)",
+    )
+    p = leaf(plans, "cancel", _plans_cancel, "end a subscription after the month under way")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("plan")
+    leaf(
+        plans,
+        "renew",
+        _plans_renew,
+        "give every subscription this month's package if it has none (the service does it every minute)",
+    )
 
     ledger_ = sub.add_parser("ledger", help="the ledger's storage").add_subparsers(dest="ledger_command", required=True)
     p = leaf(ledger_, "migrate", _ledger_migrate, "copy this ledger into an empty one (e.g. SQLite -> PostgreSQL)")

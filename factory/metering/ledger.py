@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from decimal import Decimal
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -278,11 +279,13 @@ class Ledger:
                        now=when_text(utcnow()), name=name)  # fmt: skip
             return _plan(db, name)
 
-    def buy(self, tenant: str, plan: str, *, now: datetime | None = None, tz: tzinfo = timezone.utc) -> Package:
+    def buy(self, tenant: str, plan: str, *, now: datetime | None = None, tz: str = "UTC") -> Package:
         """The tenant buys `plan`: its package (for a monthly plan, a subscription and this
-        month's package, the month counted in `tz`, the operator's time zone). A second trial,
-        or a second live subscription to one plan, is refused."""
+        month's package; its months are calendar months in `tz`, the operator's IANA zone, kept
+        with the subscription so that every renewal counts them the same). A second trial, or a
+        second live subscription to one plan, is refused."""
         now = now or utcnow()
+        zone = _zone(tz)
         kind = None
         try:
             with self.transaction() as db:
@@ -300,10 +303,11 @@ class Ledger:
                     expires = None if days is None else when_text(now + timedelta(days=days))
                     return _insert_package(db, tenant_id, expires_at=expires, **fields)
                 sub_id = db.execute(
-                    "INSERT INTO subscriptions (tenant_id, plan_id, started_at) VALUES (:t, :p, :now) RETURNING id",
-                    t=tenant_id, p=row["id"], now=when_text(now),
+                    "INSERT INTO subscriptions (tenant_id, plan_id, started_at, timezone) VALUES (:t, :p, :now, :tz)"
+                    " RETURNING id",
+                    t=tenant_id, p=row["id"], now=when_text(now), tz=tz,
                 ).scalar_one()  # fmt: skip
-                start = month_start(now, tz)
+                start = month_start(now, zone)
                 return _insert_package(
                     db, tenant_id, expires_at=when_text(next_month(start)), subscription_id=sub_id,
                     period_start=when_text(start), **fields,
@@ -327,29 +331,33 @@ class Ledger:
             ).fetchall()  # fmt: skip
         return bool(done)
 
-    def renew(
-        self, *, now: datetime | None = None, tz: tzinfo = timezone.utc, tenant: str | None = None
-    ) -> list[Package]:
+    def renew(self, *, now: datetime | None = None, tenant: str | None = None) -> list[Package]:
         """Give every live subscription (of `tenant`, or all) its package for the calendar month
-        in `tz` that contains `now`, if it has none yet; returns the packages created. Run by the
-        ledger service every minute and when a subscriber's reservation finds nothing left.
+        (in the subscription's zone) that contains `now`, if it has none yet; returns the packages
+        created. Run by the ledger service every minute and when a subscriber's reservation finds
+        nothing left.
 
         A rollover plan carries the tokens the month before left free into the new month (tokens
         a request still holds stay with the month that admitted it, which that request is
         charged to). Each subscription renews in its own transaction; two renewals at once
         create one package (a unique index), so the loser skips it."""
         now = now or utcnow()
-        start = month_start(now, tz)
         with self.transaction(write=False) as db:
             where = "" if tenant is None else " AND s.tenant_id = :tenant_id"
             tenant_id = None if tenant is None else settlement.tenant_id(db, tenant)
-            due = db.execute(
-                "SELECT s.id, s.tenant_id FROM subscriptions s WHERE s.cancelled_at IS NULL" + where + " AND NOT EXISTS"
-                " (SELECT 1 FROM packages p WHERE p.subscription_id = s.id AND p.period_start = :start) ORDER BY s.id",
-                start=when_text(start), tenant_id=tenant_id,
+            live = db.execute(
+                "SELECT s.id, s.tenant_id, s.timezone, (SELECT MAX(p.period_start) FROM packages p"
+                " WHERE p.subscription_id = s.id) FROM subscriptions s WHERE s.cancelled_at IS NULL" + where
+                + " ORDER BY s.id",
+                tenant_id=tenant_id,
             ).fetchall()  # fmt: skip
+        due = []
+        for sub_id, owner_id, zone, latest in live:
+            start = month_start(now, _zone(zone))
+            if latest is None or latest < when_text(start):
+                due.append((sub_id, owner_id, start))
         created = []
-        for sub_id, owner_id in due:
+        for sub_id, owner_id, start in due:
             try:
                 with self.transaction() as db:
                     db.lock_tenant_ids([owner_id])
@@ -568,6 +576,13 @@ def _settle_args(request_id: str, **fields) -> tuple:
         s.model, s.replica, s.status, s.started_at, when_text(s.finished_at), s.reserved, when_text(utcnow()),
         s.cached_tokens, s.billed_tokens, s.category,
     )  # fmt: skip
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise LedgerError(f"unknown time zone {name!r}: use an IANA name such as Asia/Shanghai") from None
 
 
 def month_start(at: datetime, tz: tzinfo) -> datetime:

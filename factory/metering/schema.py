@@ -180,6 +180,7 @@ def v4_tables(metadata: sa.MetaData) -> None:
         sa.Column("tenant_id", sa.Integer, sa.ForeignKey("tenants.id"), nullable=False),
         sa.Column("plan_id", sa.Integer, sa.ForeignKey("plans.id"), nullable=False),
         sa.Column("started_at", sa.Text, nullable=False),
+        sa.Column("timezone", sa.Text, nullable=False),  # IANA zone its calendar months are counted in
         sa.Column("cancelled_at", sa.Text),  # the month under way runs out; no renewal after it
         # one live subscription per tenant and plan
         sa.Index("subscriptions_one_live", "tenant_id", "plan_id", unique=True,

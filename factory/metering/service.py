@@ -5,7 +5,9 @@ Called once per request to admit it (verify the key, reserve its worst case) and
 it (charge what it used, release the rest); never once per token. Settlements arriving within
 `commit_interval_ms` share one transaction (group commit), and each caller returns only once its
 row is committed, so a response a client has seen is always in the ledger. Expired reservations
-(their request died with a replica or a killed server) are released at start and every minute.
+(their request died with a replica or a killed server) are released at start and every minute;
+monthly subscriptions are renewed at start, every minute, and at once when a subscriber's
+reservation finds nothing left (the month may have just turned).
 
 While the database cannot be reached (a PostgreSQL restart, a network cut), admissions and the
 operator's routes answer 503 with Retry-After, and settlements wait and retry until it is back:
@@ -21,6 +23,7 @@ import time
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -31,7 +34,7 @@ from factory.metering.ledger import Ledger, LedgerError, LedgerUnavailable, Quot
 
 log = logging.getLogger("factory.ledger")
 
-RELEASE_EXPIRED_EVERY_S = 60.0
+RELEASE_EXPIRED_EVERY_S = 60.0  # and renew subscriptions
 UNAVAILABLE_RETRY_AFTER_S = 2  # what a client is told while the database is away
 SETTLE_RETRY_S = (0.1, 2.0)  # settlements retry after 0.1 s, doubling to 2 s, until the database is back
 
@@ -83,12 +86,21 @@ _ADMIN_OPS = {
     "balance",
     "usage",
     "usage_summary",
+    "create_plan",
+    "list_plans",
+    "retire_plan",
+    "buy",
+    "cancel_subscription",
+    "renew",
 }
+_IN_OPERATOR_ZONE = {"buy"}  # a subscription's months are counted in the operator's zone
 
 
 class LedgerService:
-    def __init__(self, target: str, *, reservation_ttl_s: float, commit_interval_ms: float):
+    def __init__(self, target: str, *, reservation_ttl_s: float, commit_interval_ms: float, timezone: str = "UTC"):
         self._ledger = Ledger(target)
+        self._tz = timezone  # the operator's zone: a new subscription's months are counted in it
+        ZoneInfo(timezone)  # a bad name fails here, at start, not at the first purchase
         self._ttl_s = reservation_ttl_s
         self._commit_s = commit_interval_ms / 1000.0
         self._batch: list[tuple[dict[str, Any], asyncio.Future]] = []
@@ -96,18 +108,23 @@ class LedgerService:
         self._cost_total: dict[tuple[str, str], Decimal] = {}
         self._unavailable_warned_at = float("-inf")
         released = self._ledger.release_expired()
-        log.info("ledger %s open; %d expired reservation(s) released", self._ledger.where, released)
-        self._janitor = asyncio.get_event_loop().create_task(self._release_expired_forever())
+        renewed = self._ledger.renew()
+        log.info("ledger %s open; %d expired reservation(s) released, %d subscription(s) renewed",
+                 self._ledger.where, released, len(renewed))  # fmt: skip
+        self._janitor = asyncio.get_event_loop().create_task(self._janitor_forever())
 
-    async def _release_expired_forever(self) -> None:
+    async def _janitor_forever(self) -> None:
         while True:
             await asyncio.sleep(RELEASE_EXPIRED_EVERY_S)
             try:
                 n = await asyncio.to_thread(self._ledger.release_expired)
                 if n:
                     log.warning("released %d expired reservation(s)", n)
+                renewed = await asyncio.to_thread(self._ledger.renew)
+                if renewed:
+                    log.info("renewed %d subscription(s) for the month", len(renewed))
             except Exception:
-                log.exception("releasing expired reservations failed")
+                log.exception("the ledger's minute round (expired reservations, renewals) failed")
 
     async def authenticate(self, token: str) -> dict[str, Any]:
         """{"ok": True, "key_id", "admin", "tenant"} for a live key: the owner (tenant name and
@@ -125,8 +142,9 @@ class LedgerService:
             return self._unavailable(err)
         return {"ok": True, "key_id": info.key_id, "admin": info.admin, "tenant": tenant}
 
-    async def admit(self, token: str, request_id: str, tokens: int) -> dict[str, Any]:
-        """Verify a tenant key and reserve `tokens` for the request, in one call.
+    async def admit(self, token: str, request_id: str, tokens: int, category: str | None = None) -> dict[str, Any]:
+        """Verify a tenant key and reserve `tokens` of the packages covering the model's
+        `category` for the request, in one call.
 
         Returns {"ok": True, "tenant", "priority"} or {"ok": False, "status", "message", "code"}
         (and "retry_after" with a 503)."""
@@ -142,20 +160,42 @@ class LedgerService:
             }
         tenant = who["tenant"]["name"]
         try:
-            await asyncio.to_thread(self._ledger.reserve, request_id, tenant, tokens, ttl_s=self._ttl_s)
+            try:
+                await asyncio.to_thread(self._reserve, request_id, tenant, tokens, category)
+            except QuotaExceeded:
+                # The month may have turned since the last renewal round: renew this tenant's
+                # subscriptions now and try once more (only on this path, so it costs nothing else).
+                if not await asyncio.to_thread(self._ledger.renew, tenant=tenant):
+                    raise
+                await asyncio.to_thread(self._reserve, request_id, tenant, tokens, category)
         except LedgerUnavailable as err:
             return self._unavailable(err)
         except QuotaExceeded as err:
-            return {
-                "ok": False,
-                "status": 429,
-                "code": "insufficient_quota",
-                "message": (
-                    f"You exceeded your current quota: this request may cost up to {tokens} factory tokens "
-                    f"and tenant '{tenant}' has {err.available} left. Buy or be granted a token package."
-                ),
-            }
+            return {"ok": False, "status": 429, "code": "insufficient_quota",
+                    "message": await self._quota_message(err, tenant, tokens, category)}  # fmt: skip
         return {"ok": True, "tenant": tenant, "priority": who["tenant"]["priority"]}
+
+    def _reserve(self, request_id: str, tenant: str, tokens: int, category: str | None) -> None:
+        self._ledger.reserve(request_id, tenant, tokens, ttl_s=self._ttl_s, category=category)
+
+    async def _quota_message(self, err: QuotaExceeded, tenant: str, tokens: int, category: str | None) -> str:
+        """What a 429 says: how much was asked and is left, and, where no package of the tenant
+        covers the model's category at all, which category that is and what its packages cover."""
+        try:
+            covered = await asyncio.to_thread(self._ledger.categories, tenant)
+        except LedgerError:
+            covered = {None}
+        if category is not None and covered and None not in covered and category not in covered:
+            return (
+                f"You exceeded your current quota: this model is in category '{category}', and none of tenant "
+                f"'{tenant}''s packages covers it (they cover {', '.join(sorted(covered))}). Buy a package or "
+                f"plan for category '{category}'."
+            )
+        scope = "" if category is None else f" for category '{category}'"
+        return (
+            f"You exceeded your current quota: this request may cost up to {tokens} factory tokens "
+            f"and tenant '{tenant}' has {err.available} left{scope}. Buy or be granted a token package."
+        )
 
     async def settle(self, settlement: dict[str, Any]) -> dict[str, Any]:
         """Charge a finished request; returns once the usage row is committed."""
@@ -218,6 +258,8 @@ class LedgerService:
         """Run one ledger operation for the admin API: {"ok": True, "result"} or an error."""
         if op not in _ADMIN_OPS:
             return {"ok": False, "status": 404, "message": f"unknown ledger operation {op!r}"}
+        if op in _IN_OPERATOR_ZONE:
+            kwargs = {**kwargs, "tz": self._tz}
         try:
             result = await asyncio.to_thread(getattr(self._ledger, op), **kwargs)
         except LedgerUnavailable as err:

@@ -112,7 +112,8 @@ def test_packages_grant_and_list(cli, db):
     code, out, _ = cli("packages", "grant", "--tenant", "acme", "--tokens", "1000", "--expires", "2099-03-31",
                        "--price", "99.50")  # fmt: skip
     assert code == 0
-    assert out == "package 1: 1000 tokens for acme, expires 2099-04-01T00:00:00+00:00, paid 99.50 CNY\n"
+    assert out == ("package 1 (pack): 1000 factory tokens for acme, every model, expires 2099-04-01T00:00:00+00:00,"
+                   " paid 99.50 CNY\n")
     code, _, _ = cli("packages", "grant", "--tenant", "acme", "--tokens", "5", "--expires", "2099-01-01T08:00+08:00")
     assert code == 0
     with Ledger(db) as ledger:
@@ -123,9 +124,11 @@ def test_packages_grant_and_list(cli, db):
     assert timed.expires_at == datetime(2099, 1, 1, tzinfo=timezone.utc)
     code, out, _ = cli("packages", "list", "--tenant", "acme")
     rows = [line.split() for line in out.splitlines()]
-    assert code == 0 and rows[0] == ["id", "total", "used", "reserved", "available", "expires_at", "price"]
-    assert rows[1] == ["2", "5", "0", "5", "0", "2099-01-01T00:00:00+00:00"]  # soonest expiry is spent first
-    assert rows[2] == ["1", "1000", "0", "295", "705", "2099-04-01T00:00:00+00:00", "99.50", "CNY"]
+    assert code == 0 and rows[0] == ["id", "kind", "plan", "category", "total", "used", "reserved", "available",
+                                     "expires_at", "renews_at", "price"]  # fmt: skip
+    # soonest expiry is spent first
+    assert rows[1] == ["2", "pack", "-", "*", "5", "0", "5", "0", "2099-01-01T00:00:00+00:00", "-"]
+    assert rows[2] == ["1", "pack", "-", "*", "1000", "0", "295", "705", "2099-04-01T00:00:00+00:00", "-", "99.50", "CNY"]
 
 
 @pytest.mark.parametrize(
@@ -245,3 +248,34 @@ def test_unreachable_postgresql_is_reported_without_its_password(capsys):
     assert err.startswith("factory: cannot open ledger postgresql://billing:***@127.0.0.1:")
     assert "Connection refused" in err
     assert "hunter2secret" not in err
+
+
+def test_plans_are_created_bought_listed_and_cancelled(cli):
+    assert cli("tenants", "create", "acme")[0] == 0
+    assert cli("plans", "create", "coder-month", "--kind", "monthly", "--tokens", "5000000", "--price", "9.9",
+               "--category", "coding", "--rollover") == (
+        0, "plan coder-month: monthly, 5000000 factory tokens\n", "")  # fmt: skip
+    assert cli("plans", "create", "try", "--kind", "trial", "--tokens", "30000000", "--valid-days", "30")[0] == 0
+    code, out, _ = cli("plans", "list")
+    assert code == 0 and out.splitlines()[0].split() == ["name", "kind", "tokens", "price", "valid_days", "category",
+                                                          "rollover", "retired_at"]  # fmt: skip
+    assert [line.split()[:3] for line in out.splitlines()[1:]] == [["coder-month", "monthly", "5000000"],
+                                                                   ["try", "trial", "30000000"]]  # fmt: skip
+    code, out, _ = cli("plans", "buy", "--tenant", "acme", "coder-month", "--timezone", "Asia/Shanghai")
+    assert code == 0 and "(monthly): 5000000 factory tokens for acme, category coding" in out and "renews then" in out
+    code, out, _ = cli("plans", "buy", "--tenant", "acme", "try")
+    assert code == 0 and "(trial): 30000000 factory tokens for acme, every model" in out
+    code, out, _ = cli("packages", "list", "--tenant", "acme")
+    rows = [line.split()[:4] for line in out.splitlines()[1:]]
+    assert [r[1:] for r in rows] == [["trial", "try", "*"], ["monthly", "coder-month", "coding"]]  # trial spent first
+    # Mistakes are a message and exit 2.
+    assert cli("plans", "buy", "--tenant", "acme", "try") == (
+        2, "", "factory: tenant 'acme' already has its free trial\n")  # fmt: skip
+    assert cli("plans", "create", "bad", "--kind", "trial", "--tokens", "5")[0] == 2
+    assert cli("plans", "buy", "--tenant", "acme", "coder-month")[2] == (
+        "factory: tenant 'acme' already has a live subscription to 'coder-month'\n")  # fmt: skip
+    assert cli("plans", "renew") == (0, "0 subscription(s) renewed\n", "")  # this month's is there
+    assert cli("plans", "cancel", "--tenant", "acme", "coder-month")[0] == 0
+    assert cli("plans", "cancel", "--tenant", "acme", "coder-month")[0] == 2
+    assert cli("plans", "retire", "try")[0] == 0
+    assert "try" not in cli("plans", "list")[1] and "try" in cli("plans", "list", "--all")[1]

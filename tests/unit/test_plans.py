@@ -112,19 +112,27 @@ def test_a_subscription_renews_each_calendar_month_in_the_operators_zone(ledger)
     ledger.create_plan("monthly-9.9", "monthly", 1000, price=Decimal("9.9"), rollover=False, category="general")
     ledger.create_plan("monthly-roll", "monthly", 500, rollover=True, category="coding")
     ledger.create_tenant("acme")
-    first = ledger.buy("acme", "monthly-9.9", now=BOUGHT, tz=SHANGHAI)
-    rolling = ledger.buy("acme", "monthly-roll", now=BOUGHT, tz=SHANGHAI)
+    first = ledger.buy("acme", "monthly-9.9", now=BOUGHT, tz="Asia/Shanghai")
+    rolling = ledger.buy("acme", "monthly-roll", now=BOUGHT, tz="Asia/Shanghai")
     assert first.kind == "monthly" and first.price == Decimal("9.9")
     assert first.period_start == datetime(2030, 11, 1, tzinfo=SHANGHAI)
     assert first.expires_at == first.renews_at == MONTH_END_UTC
     with pytest.raises(LedgerError, match="live subscription"):
-        ledger.buy("acme", "monthly-9.9", now=BOUGHT, tz=SHANGHAI)
+        ledger.buy("acme", "monthly-9.9", now=BOUGHT, tz="Asia/Shanghai")
     # Spend some of each in November.
     ledger.reserve("nov", "acme", 300, ttl_s=60, now=BOUGHT, category="coding")
     settle(ledger, "nov", "acme", 100, 100, billed_tokens=200, finished_at=BOUGHT, category="coding")
-    assert ledger.renew(now=MONTH_END_UTC - timedelta(seconds=1), tz=SHANGHAI) == []  # still November there
-    created = ledger.renew(now=MONTH_END_UTC, tz=SHANGHAI)
-    assert ledger.renew(now=MONTH_END_UTC + timedelta(hours=1), tz=SHANGHAI) == []  # once per month
+    # A subscriber whose months are counted in UTC (another operator zone, kept with the subscription).
+    ledger.create_tenant("london")
+    utc_month = ledger.buy("london", "monthly-9.9", now=BOUGHT, tz="UTC")
+    assert utc_month.expires_at == datetime(2030, 12, 1, tzinfo=timezone.utc)
+    with pytest.raises(LedgerError, match="unknown time zone"):
+        ledger.buy("london", "monthly-roll", tz="Mars/Olympus")
+    assert ledger.renew(now=MONTH_END_UTC - timedelta(seconds=1)) == []  # still November in Shanghai
+    created = ledger.renew(now=MONTH_END_UTC)
+    assert {p.tenant for p in created} == {"acme"}  # still November in UTC
+    assert [p.tenant for p in ledger.renew(now=datetime(2030, 12, 1, tzinfo=timezone.utc))] == ["london"]
+    assert ledger.renew(now=MONTH_END_UTC + timedelta(hours=1)) == []  # once per month
     by_plan = {p.plan: p for p in created}
     december = datetime(2030, 12, 1, tzinfo=SHANGHAI)
     assert by_plan["monthly-9.9"].tokens_total == 1000 and by_plan["monthly-9.9"].rolled_in == 0
@@ -134,7 +142,7 @@ def test_a_subscription_renews_each_calendar_month_in_the_operators_zone(ledger)
     # November's packages expired; December's are what a request spends.
     assert ledger.balance("acme", now=MONTH_END_UTC)["available"] == 1800
     ledger.cancel_subscription("acme", "monthly-roll")
-    january = ledger.renew(now=datetime(2031, 1, 1, tzinfo=SHANGHAI), tz=SHANGHAI)
+    january = ledger.renew(now=datetime(2031, 1, 1, tzinfo=SHANGHAI))
     assert [p.plan for p in january] == ["monthly-9.9"]
     assert rolling.renews_at is not None
     assert all(p.renews_at is None for p in ledger.list_packages("acme") if p.plan == "monthly-roll")
@@ -145,7 +153,7 @@ def test_a_renewal_while_requests_are_in_flight_charges_each_to_one_month(ledger
     tokens), never split, and December's allowance is untouched by it."""
     ledger.create_plan("monthly", "monthly", 1000)
     ledger.create_tenant("acme")
-    november = ledger.buy("acme", "monthly", now=BOUGHT, tz=SHANGHAI)
+    november = ledger.buy("acme", "monthly", now=BOUGHT, tz="Asia/Shanghai")
     late = MONTH_END_UTC - timedelta(seconds=2)
     for i in range(5):
         ledger.reserve(f"r{i}", "acme", 100, ttl_s=600, now=late)
@@ -157,7 +165,7 @@ def test_a_renewal_while_requests_are_in_flight_charges_each_to_one_month(ledger
                 settle(ledger, f"r{i}", "acme", 20, 40, billed_tokens=60 + i,
                        finished_at=MONTH_END_UTC + timedelta(seconds=1))  # fmt: skip
             else:
-                ledger.renew(now=MONTH_END_UTC + timedelta(seconds=i), tz=SHANGHAI)
+                ledger.renew(now=MONTH_END_UTC + timedelta(seconds=i))
         except Exception as err:  # noqa: BLE001 - asserted below
             errors.append(err)
 
@@ -177,14 +185,14 @@ def test_renewals_from_many_processes_create_one_package_per_month(target):
         led.create_plan("monthly", "monthly", 1000)
         for t in ("a", "b", "c"):
             led.create_tenant(t)
-            led.buy(t, "monthly", now=BOUGHT, tz=SHANGHAI)
+            led.buy(t, "monthly", now=BOUGHT, tz="Asia/Shanghai")
     barrier = threading.Barrier(6)
     made: list[int] = []
 
     def renew(_: int) -> None:
         with Ledger(target, pool_size=1) as led:  # each its own pool, as separate processes would be
             barrier.wait()
-            made.append(len(led.renew(now=MONTH_END_UTC, tz=SHANGHAI)))
+            made.append(len(led.renew(now=MONTH_END_UTC)))
 
     run_threads(renew, 6)
     assert sum(made) == 3
