@@ -205,6 +205,23 @@ async def admin_usage(
     return await _usage_response(ctx, tenant, since, format, summary)
 
 
+@router.get("/admin/statements")
+async def admin_statement(
+    request: Request, tenant: str = Query(...), month: str = Query(..., description="YYYY-MM, in the operator's zone"),
+    format: Literal["json", "csv"] = "json",
+) -> Response:  # fmt: skip
+    """A tenant's monthly statement (metering/statement.py): usage by model and category, totals,
+    packages bought and expired; its totals tie out to the usage rows."""
+    from factory.metering.statement import to_csv
+
+    ctx = _ctx(request)
+    await ctx.require_admin(request)
+    doc = await ctx.ledger_op("statement", tenant=tenant, month=month)
+    if format == "csv":
+        return Response(to_csv(doc), media_type="text/csv")
+    return JSONResponse(doc)
+
+
 @router.get("/v1/usage")
 async def tenant_usage(
     request: Request, since: datetime | None = None, format: Literal["json", "csv"] = "json"

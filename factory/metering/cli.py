@@ -213,6 +213,8 @@ _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
 
 @_command
 def _usage(ledger: Ledger, args: argparse.Namespace) -> None:
+    if args.statement is not None:
+        return _statement(ledger, args)
     since = None if args.since is None else _parse_time(args.since, "--since")
     if args.summary:
         rows = ledger.usage_summary(args.tenant, since)
@@ -229,6 +231,34 @@ def _usage(ledger: Ledger, args: argparse.Namespace) -> None:
         out.writerows([_plain(r[f]) for f in fields] for r in rows)
     else:
         _print_table(fields, [[_cell(r[f]) for f in fields] for r in rows])
+
+
+def _statement(ledger: Ledger, args: argparse.Namespace) -> None:
+    from factory.metering import statement
+
+    if args.tenant is None:
+        raise UsageError("--statement needs --tenant")
+    doc = ledger.statement(args.tenant, args.statement, tz=args.timezone)
+    if args.format == "json":
+        from factory.metering.service import jsonable
+
+        print(json.dumps(jsonable(doc), indent=2))
+    elif args.format == "csv":
+        sys.stdout.write(statement.to_csv(doc))
+    else:
+        print(f"statement of {doc['tenant']} for {doc['month']} ({doc['timezone']}: {doc['from']} to {doc['until']})")
+        rows = [[_cell(r[f]) for f in ("model", "category", *statement.USAGE_KEYS, "energy_j", "cost", "currency")]
+                for r in doc["usage"]]  # fmt: skip
+        rows += [["total", "", *[_cell(t[f]) for f in (*statement.USAGE_KEYS, "energy_j", "cost", "currency")]]
+                 for t in doc["totals"]]  # fmt: skip
+        _print_table(("model", "category", *statement.USAGE_KEYS, "energy_j", "cost", "currency"), rows)
+        for what in ("bought", "expired"):
+            print(f"\n{what}:")
+            keys_ = ("package", "kind", "plan", "category", "tokens", "at")
+            keys_ += (
+                ("price", "currency") if what == "bought" else ("unused_tokens", "rolled_over_tokens", "expired_tokens")
+            )
+            _print_table(keys_, [[_cell(r[k]) for k in keys_] for r in doc[what]])
 
 
 # -- ledger -------------------------------------------------------------------------------
@@ -450,3 +480,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--since", default=None, help="YYYY-MM-DD or ISO datetime (UTC unless it says)")
     p.add_argument("--format", default="table", choices=("table", "csv", "json"))
     p.add_argument("--summary", action="store_true", help="per-tenant totals instead of records")
+    p.add_argument("--statement", default=None, metavar="YYYY-MM", help="a tenant's monthly statement (needs --tenant)")
+    p.add_argument(
+        "--timezone", default="UTC", help="--statement: the zone its month is in (the config's cost.timezone)"
+    )

@@ -538,6 +538,37 @@ class Ledger:
                 sql, params = sql + " LIMIT :limit", params | {"limit": limit}
             return [usage_from(r) for r in db.execute(sql, **params)]
 
+    def statement(self, tenant: str, month: str, *, tz: str = "UTC", now: datetime | None = None) -> dict:
+        """The tenant's statement for calendar `month` (YYYY-MM) in zone `tz`: usage by model and
+        category, totals, packages bought and packages expired (metering/statement.py), read in
+        one transaction so the parts agree."""
+        from factory.metering import statement
+
+        year, mon = statement.parse_month(month)
+        start = datetime(year, mon, 1, tzinfo=_zone(tz))
+        end = next_month(start)
+        now = now or utcnow()
+        span = {"since": when_text(start), "until": when_text(end)}
+        with self.transaction(write=False) as db:
+            tenant_id = settlement.tenant_id(db, tenant)
+            usage = [usage_from(r) for r in db.execute(
+                USAGE_SQL + " WHERE u.tenant_id = :t AND u.finished_at >= :since AND u.finished_at < :until",
+                t=tenant_id, **span,
+            )]  # fmt: skip
+            bought = [package_from(r) for r in db.execute(
+                PACKAGE_SQL + " WHERE p.tenant_id = :t AND p.created_at >= :since AND p.created_at < :until"
+                " ORDER BY p.created_at, p.id", t=tenant_id, **span,
+            )]  # fmt: skip
+            # Expired within the month (so far; one expiring at midnight on the 1st belongs to the
+            # month it ends), with what each rolled into the month after it.
+            expired = [(package_from(r[:-1]), int(r[-1])) for r in db.execute(
+                PACKAGE_SQL.replace(" FROM packages p", ", COALESCE((SELECT n.rolled_in FROM packages n WHERE"
+                " n.subscription_id = p.subscription_id AND n.period_start = p.expires_at), 0) FROM packages p")
+                + " WHERE p.tenant_id = :t AND p.expires_at > :since AND p.expires_at <= :until"
+                " AND p.expires_at <= :now ORDER BY p.expires_at, p.id", t=tenant_id, now=when_text(now), **span,
+            )]  # fmt: skip
+        return statement.build(tenant, month, tz, start, end, usage, bought, expired)
+
     def usage_summary(self, tenant: str | None = None, since: datetime | None = None) -> list[dict]:
         """Per tenant (and currency, if a tenant was billed in several): totals since `since`."""
         with self.transaction(write=False) as db:

@@ -194,11 +194,31 @@ _RESERVE_V4 = _v4(
     "p_request text, p_tenant text, p_tokens bigint, p_expires_at text, p_now text\n",
     "p_request text, p_tenant text, p_tokens bigint, p_expires_at text, p_now text, p_category text\n",
 )
-_SETTLE_V4 = _v4(
-    _SETTLE,
-    "p_now text, p_cached bigint, p_billed bigint\n",
-    "p_now text, p_cached bigint, p_billed bigint, p_category text\n",
-).replace("p_finished_at);", "p_finished_at, p_category);")
+
+
+def _settle_v4() -> str:
+    """v3's settle, charging only packages that cover the category and recording it on the row."""
+    ddl = _v4(
+        _SETTLE,
+        "p_now text, p_cached bigint, p_billed bigint\n",
+        "p_now text, p_cached bigint, p_billed bigint, p_category text\n",
+    )
+    for old, new in (
+        ("p_finished_at);", "p_finished_at, p_category);"),  # both factory_charge_available calls
+        ("o_cached bigint, o_billed bigint\n", "o_cached bigint, o_billed bigint, o_category text\n"),
+        ("finished_at, cached_tokens, billed_tokens)", "finished_at, cached_tokens, billed_tokens, category)"),
+        ("p_finished_at, p_cached, p_billed);", "p_finished_at, p_cached, p_billed, p_category);"),
+        (
+            "u.finished_at, u.cached_tokens, u.billed_tokens\n",
+            "u.finished_at, u.cached_tokens, u.billed_tokens, u.category\n",
+        ),
+    ):
+        assert old in ddl, old
+        ddl = ddl.replace(old, new)
+    return ddl
+
+
+_SETTLE_V4 = _settle_v4()
 
 # psycopg's own placeholders: these go straight to the driver (store.Calls).
 RESERVE_CALL = "SELECT factory_reserve(%s, %s, %s, %s, %s, %s)"

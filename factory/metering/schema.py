@@ -204,6 +204,7 @@ def _v4_plans(conn) -> None:
         "rolled_in BIGINT NOT NULL DEFAULT 0 CHECK (rolled_in >= 0)",
     ):
         conn.exec_driver_sql(f"ALTER TABLE packages ADD COLUMN {column}")
+    conn.exec_driver_sql("ALTER TABLE usage ADD COLUMN category TEXT")  # the model's, when it was served
     conn.exec_driver_sql("CREATE UNIQUE INDEX packages_one_trial ON packages (tenant_id) WHERE kind = 'trial'")
     conn.exec_driver_sql(
         "CREATE UNIQUE INDEX packages_one_period ON packages (subscription_id, period_start)"
@@ -285,6 +286,7 @@ class UsageRecord:
     finished_at: datetime
     cached_tokens: int = 0  # of prompt_tokens, served from the prefix cache
     billed_tokens: int = 0  # what was charged, in factory tokens (metering/rates.py)
+    category: str | None = None  # the model's category (schema v4; None before, or unmetered by category)
 
 
 def utcnow() -> datetime:
@@ -320,7 +322,7 @@ PLAN_SQL = (
 USAGE_SQL = (
     "SELECT u.request_id, t.name, u.model, u.replica, u.prompt_tokens, u.completion_tokens, u.overage_tokens,"
     " u.energy_j, u.energy_source, u.cost, u.currency, u.status, u.started_at, u.finished_at, u.cached_tokens,"
-    " u.billed_tokens FROM usage u JOIN tenants t ON t.id = u.tenant_id"
+    " u.billed_tokens, u.category FROM usage u JOIN tenants t ON t.id = u.tenant_id"
 )
 # The spend order: a trial first (it is free, and it is the one meant to run out), then soonest
 # expiry first, never-expiring last, then oldest: spend what would be lost first.
@@ -371,7 +373,7 @@ def plan_from(row) -> Plan:
 def usage_from(row) -> UsageRecord:
     return UsageRecord(
         *row[:7], float(row[7]), row[8], Decimal(row[9]), row[10], row[11], from_text(row[12]), from_text(row[13]),
-        int(row[14]), int(row[15]),
+        int(row[14]), int(row[15]), row[16],
     )  # fmt: skip
 
 

@@ -92,8 +92,9 @@ _ADMIN_OPS = {
     "buy",
     "cancel_subscription",
     "renew",
+    "statement",
 }
-_IN_OPERATOR_ZONE = {"buy"}  # a subscription's months are counted in the operator's zone
+_IN_OPERATOR_ZONE = {"buy", "statement"}  # months are counted in the operator's zone
 
 
 class LedgerService:

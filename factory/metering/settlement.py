@@ -141,13 +141,13 @@ def settle(db, request_id: str, **fields) -> UsageRecord:
         overage_tok = charge_available(db, owner_id, left, s.finished_at, s.category)
     db.execute(
         "INSERT INTO usage (request_id, tenant_id, model, replica, prompt_tokens, completion_tokens, overage_tokens,"
-        " energy_j, energy_source, cost, currency, status, started_at, finished_at, cached_tokens, billed_tokens)"
-        " VALUES (:r, :tenant_id, :model, :replica, :prompt, :completion, :overage, :energy_j, :source, :cost,"
-        " :currency, :status, :started_at, :finished_at, :cached, :billed)",
+        " energy_j, energy_source, cost, currency, status, started_at, finished_at, cached_tokens, billed_tokens,"
+        " category) VALUES (:r, :tenant_id, :model, :replica, :prompt, :completion, :overage, :energy_j, :source,"
+        " :cost, :currency, :status, :started_at, :finished_at, :cached, :billed, :category)",
         r=request_id, tenant_id=owner_id, model=s.model, replica=s.replica, prompt=s.prompt_tokens,
         completion=s.completion_tokens, overage=overage_tok, energy_j=s.energy_j, source=s.energy_source,
         cost=s.cost, currency=s.currency, status=s.status, started_at=s.started_at,
-        finished_at=when_text(s.finished_at), cached=s.cached_tokens, billed=s.billed_tokens,
+        finished_at=when_text(s.finished_at), cached=s.cached_tokens, billed=s.billed_tokens, category=s.category,
     )  # fmt: skip
     return usage_from(db.execute(USAGE_SQL + " WHERE u.request_id = :r", r=request_id).fetchone())
 

@@ -98,3 +98,25 @@ def test_operator_mistakes_are_openai_shaped_4xx(admin, method, path, body, stat
     r = admin.request(method.upper(), path, json=body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["message"]
+
+
+def test_the_admin_statement_ties_out_to_the_tenants_usage_rows(base_url, admin):
+    """This month's statement (the operator's zone) of the tenant the first test served: its totals
+    are the sums of the tenant's usage rows over the same month, to the last digit."""
+    from decimal import Decimal
+
+    now = datetime.now(ZoneInfo("Asia/Shanghai"))
+    month = f"{now.year:04d}-{now.month:02d}"
+    doc = admin.get("/admin/statements", params={"tenant": "plans-coder", "month": month}).json()
+    start = datetime(now.year, now.month, 1, tzinfo=ZoneInfo("Asia/Shanghai"))
+    rows = admin.get("/admin/usage", params={"tenant": "plans-coder", "since": start.isoformat()}).json()["data"]
+    [total] = doc["totals"]
+    assert total["requests"] == len(rows) >= 1
+    assert total["billed_tokens"] == sum(r["billed_tokens"] for r in rows)
+    assert Decimal(total["cost"]) == sum(Decimal(r["cost"]) for r in rows)
+    assert [u["category"] for u in doc["usage"]] == ["general"]
+    assert {b["plan"] for b in doc["bought"]} == {"coder-pack", "general-trial"}
+    csv_text = admin.get("/admin/statements", params={"tenant": "plans-coder", "month": month, "format": "csv"}).text
+    assert csv_text.splitlines()[0].startswith("section,model,category,currency,requests")
+    bad = admin.get("/admin/statements", params={"tenant": "plans-coder", "month": "last month"})
+    assert bad.status_code == 400 and "YYYY-MM" in bad.json()["error"]["message"]

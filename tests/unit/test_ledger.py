@@ -533,7 +533,7 @@ def test_both_backends_keep_one_ledger_through_a_random_history(tmp_path, pg_url
                     outcomes.append(type(err).__name__)
             state = [(p.tenant, p.kind, p.category, p.tokens_total, p.tokens_used, p.tokens_reserved) for t in "abc"
                      for p in led.list_packages(t)]  # fmt: skip
-            usage = sorted((u.request_id, u.tenant, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
+            usage = sorted((u.request_id, u.tenant, u.category, u.prompt_tokens, u.completion_tokens, u.cached_tokens,
                             u.billed_tokens, u.overage_tokens) for u in led.usage())  # fmt: skip
             return outcomes, state, usage, [led.balance(t) for t in "abc"]
 

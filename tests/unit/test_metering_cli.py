@@ -128,7 +128,8 @@ def test_packages_grant_and_list(cli, db):
                                      "expires_at", "renews_at", "price"]  # fmt: skip
     # soonest expiry is spent first
     assert rows[1] == ["2", "pack", "-", "*", "5", "0", "5", "0", "2099-01-01T00:00:00+00:00", "-"]
-    assert rows[2] == ["1", "pack", "-", "*", "1000", "0", "295", "705", "2099-04-01T00:00:00+00:00", "-", "99.50", "CNY"]
+    assert rows[2] == ["1", "pack", "-", "*", "1000", "0", "295", "705", "2099-04-01T00:00:00+00:00", "-", "99.50",
+                       "CNY"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -279,3 +280,24 @@ def test_plans_are_created_bought_listed_and_cancelled(cli):
     assert cli("plans", "cancel", "--tenant", "acme", "coder-month")[0] == 2
     assert cli("plans", "retire", "try")[0] == 0
     assert "try" not in cli("plans", "list")[1] and "try" in cli("plans", "list", "--all")[1]
+
+
+def test_usage_statement_prints_a_month_as_table_json_and_csv(cli, db):
+    seed_usage(db)  # acme: 0.1 + 0.2 CNY on 2030-01-01, UTC
+    code, out, _ = cli("usage", "--statement", "2030-01", "--tenant", "acme", "--format", "json")
+    doc = json.loads(out)
+    assert code == 0 and doc["month"] == "2030-01" and doc["timezone"] == "UTC"
+    assert [(t["requests"], t["cost"], t["billed_tokens"]) for t in doc["totals"]] == [(2, "0.3", 10 + 11 + 5 + 5)]
+    code, out, _ = cli("usage", "--statement", "2030-01", "--tenant", "acme", "--format", "csv")
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["section"], r["model"], r["requests"], r["cost"]) for r in table] == [
+        ("usage", "tiny", "2", "0.3"), ("total", "", "2", "0.3")]  # fmt: skip
+    code, out, _ = cli("usage", "--statement", "2030-01", "--tenant", "acme")
+    assert code == 0 and out.startswith("statement of acme for 2030-01 (UTC:") and "bought:" in out
+    # In Shanghai, 2030-01-01 00:00-02:00 UTC is still January: the same rows.
+    code, out, _ = cli("usage", "--statement", "2030-01", "--tenant", "acme", "--format", "json",
+                       "--timezone", "Asia/Shanghai")  # fmt: skip
+    assert json.loads(out)["totals"][0]["requests"] == 2
+    assert cli("usage", "--statement", "2030-01")[0:2] == (2, "")
+    assert cli("usage", "--statement", "January", "--tenant", "acme")[2] == (
+        "factory: a statement's month is YYYY-MM, got 'January'\n")  # fmt: skip

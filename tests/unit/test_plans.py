@@ -198,3 +198,77 @@ def test_renewals_from_many_processes_create_one_package_per_month(target):
     assert sum(made) == 3
     with Ledger(target) as led:
         assert all(len(led.list_packages(t)) == 2 for t in ("a", "b", "c"))
+
+
+def test_a_monthly_statement_ties_out_to_the_usage_rows(ledger):
+    """November 2030 in Shanghai for one tenant: usage of two models in two categories (rows on
+    both sides of the month's edges), a pack, a trial and a rollover month bought, the trial and
+    the month expired; the JSON's and the CSV's totals are the usage rows' sums, exactly."""
+    import csv
+    import io
+    import math
+
+    from factory.metering.statement import to_csv
+
+    tz = "Asia/Shanghai"
+    nov = lambda day, hour=12: datetime(2030, 11, day, hour, tzinfo=SHANGHAI)  # noqa: E731
+    ledger.create_plan("pack", "pack", 10_000, price=Decimal("1.00"))
+    ledger.create_plan("try", "trial", 500, valid_days=10, category="general")
+    ledger.create_plan("coder", "monthly", 2_000, price=Decimal("9.90"), rollover=True, category="coding")
+    ledger.create_tenant("acme")
+    ledger.create_tenant("other")
+    ledger.buy("acme", "try", now=nov(2))  # expires 12 Nov
+    ledger.buy("acme", "pack", now=nov(5))
+    ledger.buy("acme", "coder", now=nov(20), tz=tz)
+    ledger.buy("other", "pack", now=nov(5))
+    rows = [  # (id, model, category, finished_at, prompt, cached, completion, billed, energy, cost)
+        ("oct", "tiny", "general", datetime(2030, 10, 31, 23, 59, tzinfo=SHANGHAI), 5, 0, 5, 10, 0.3, "0.001"),
+        ("g1", "tiny", "general", nov(3), 100, 20, 50, 133, 1.1, "0.0021"),
+        ("g2", "tiny", "general", nov(15), 40, 0, 10, 50, 0.7, "0.0007"),
+        ("c1", "coder-7b", "coding", nov(21), 300, 100, 200, 710, 12.345678901, "0.0300000001"),
+        ("c2", "coder-7b", "coding", datetime(2030, 11, 30, 23, 59, 59, tzinfo=SHANGHAI), 10, 0, 10, 30, 0.1, "0.0001"),
+        ("dec", "coder-7b", "coding", datetime(2030, 12, 1, tzinfo=SHANGHAI), 10, 0, 10, 30, 0.1, "0.0001"),
+    ]
+    for rid, model, category, at, prompt, cached, completion, billed, energy, cost in rows:
+        inside = rid not in ("oct", "dec")  # the rows outside the month are recorded only (no package then)
+        if inside:
+            ledger.reserve(rid, "acme", billed, ttl_s=60, now=at, category=category)
+        settle(ledger, rid, "acme", prompt, completion, cached_tokens=cached, billed_tokens=billed, model=model,
+               category=category, energy_j=energy, cost=Decimal(cost), finished_at=at, reserved=inside)  # fmt: skip
+    settle(ledger, "o1", "other", 1, 1, finished_at=nov(10), reserved=False)  # another tenant's: not on it
+    ledger.renew(now=MONTH_END_UTC)  # December's coding month, with November's free tokens rolled in
+
+    doc = ledger.statement("acme", "2030-11", tz=tz, now=datetime(2031, 1, 1, tzinfo=timezone.utc))
+    start, end = datetime(2030, 11, 1, tzinfo=SHANGHAI), datetime(2030, 12, 1, tzinfo=SHANGHAI)
+    assert (doc["from"], doc["until"]) == (start.isoformat(), end.isoformat())
+    records = ledger.usage("acme", since=start, until=end)
+    assert sorted(r.request_id for r in records) == ["c1", "c2", "g1", "g2"]
+    [total] = doc["totals"]
+    for key, field in [("prompt_tokens", "prompt_tokens"), ("cached_tokens", "cached_tokens"),
+                       ("completion_tokens", "completion_tokens"), ("billed_tokens", "billed_tokens")]:  # fmt: skip
+        assert total[key] == sum(getattr(r, field) for r in records)
+    assert total["requests"] == 4 and total["cost"] == sum(r.cost for r in records) == Decimal("0.0329000001")
+    assert total["energy_j"] == math.fsum(r.energy_j for r in records)
+    assert [(u["model"], u["category"], u["requests"], u["billed_tokens"]) for u in doc["usage"]] == [
+        ("coder-7b", "coding", 2, 740), ("tiny", "general", 2, 183)]  # fmt: skip
+    assert sum(u["cost"] for u in doc["usage"]) == total["cost"]
+    assert [(b["plan"], b["kind"], b["tokens"], b["price"]) for b in doc["bought"]] == [
+        ("try", "trial", 500, None), ("pack", "pack", 10_000, Decimal("1.00")),
+        ("coder", "monthly", 2_000, Decimal("9.90"))]  # fmt: skip
+    expired = {e["plan"]: e for e in doc["expired"]}
+    assert set(expired) == {"try", "coder"}  # the trial on the 12th, the month at its end
+    # The trial paid for g1 (trial first; g2 came after it expired on the 12th): 367 unused, all lost.
+    assert (expired["try"]["unused_tokens"], expired["try"]["expired_tokens"]) == (367, 367)
+    # The coding month: 2,000 - 740 unused, rolled into December, none lost.
+    assert (expired["coder"]["unused_tokens"], expired["coder"]["rolled_over_tokens"]) == (1_260, 1_260)
+    assert expired["coder"]["expired_tokens"] == 0
+
+    table = list(csv.DictReader(io.StringIO(to_csv(doc))))
+    usage_rows = [r for r in table if r["section"] == "usage"]
+    [total_row] = [r for r in table if r["section"] == "total"]
+    assert sum(Decimal(r["cost"]) for r in usage_rows) == Decimal(total_row["cost"]) == total["cost"]
+    assert sum(int(r["billed_tokens"]) for r in usage_rows) == int(total_row["billed_tokens"])
+    assert float(total_row["energy_j"]) == total["energy_j"]  # every digit kept
+    assert {r["section"] for r in table} == {"usage", "total", "bought", "expired"}
+    with pytest.raises(LedgerError, match="YYYY-MM"):
+        ledger.statement("acme", "2030-13")
