@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,9 +35,19 @@ from factory.bench.schema import cpu_model  # noqa: E402
 SCOPE_KEY = {"site": "site_w", "node": "node_w", "gpu": "gpu_w"}
 
 
-def steady_load(base: str, concurrency: int, max_tokens: int, stop: threading.Event) -> threading.Thread:
-    """`concurrency` clients, each sending its next chat as soon as the last one ended."""
+def steady_load(base: str, concurrency: int, max_tokens: int, stop) -> multiprocessing.Process:
+    """`concurrency` clients, each sending its next chat as soon as the last one ended, in a process
+    of their own: in this one they would hold the GIL against the operator's budget calls and the
+    power polls (on the 2-core machine HAProxy's own /-/healthz then took 0.5 s, up to 11 s, to
+    come back to a client sharing a process with the load)."""
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_load_forever, args=(base, concurrency, max_tokens, stop), daemon=True
+    )
+    proc.start()
+    return proc
 
+
+def _load_forever(base: str, concurrency: int, max_tokens: int, stop) -> None:
     async def client(http: httpx.AsyncClient) -> None:
         body = {
             "model": MODEL,
@@ -55,9 +65,7 @@ def steady_load(base: str, concurrency: int, max_tokens: int, stop: threading.Ev
         async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency + 2)) as http:
             await asyncio.gather(*(client(http) for _ in range(concurrency)))
 
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    return thread
+    asyncio.run(run())
 
 
 def readings(base: str, seconds: float) -> tuple[list[tuple[float, float]], list[tuple[float, dict]]]:
@@ -138,7 +146,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{args.port}"
     work = Path(tempfile.mkdtemp(prefix="factory-budget-hold-"))
     proc = start_factory(work, args.port, "hold", {"auth": "disabled"})
-    stop = threading.Event()
+    stop = multiprocessing.get_context("spawn").Event()
     try:
         load = steady_load(base, args.concurrency, args.max_tokens, stop)
         time.sleep(6)  # the load reaches its steady state
