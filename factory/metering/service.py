@@ -184,7 +184,7 @@ class LedgerService:
         covers the model's category at all, which category that is and what its packages cover."""
         try:
             covered = await asyncio.to_thread(self._ledger.categories, tenant)
-        except LedgerError:
+        except (LedgerError, LedgerUnavailable):  # only the message's detail is lost
             covered = {None}
         if category is not None and covered and None not in covered and category not in covered:
             return (
