@@ -26,12 +26,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path) -> str:
-    """The test's ledger: a SQLite path or a PostgreSQL URL, as `--ledger` takes either."""
-    if request.param == "sqlite":
-        return str(tmp_path / "ledger.db")
-    return request.getfixturevalue("pg_url")
+@pytest.fixture()
+def db(target) -> str:
+    """The test's ledger (conftest's `target`, on each backend): a SQLite path or a PostgreSQL URL,
+    as `--ledger` takes either."""
+    return target
 
 
 @pytest.fixture()
