@@ -193,12 +193,6 @@ class ReplicaMeter:
             t0, j0, _, p0 = self._history[-2]
         return (j1 - j0) / (t1 - t0), min(1.0, max(0.0, (p1 - p0) / (t1 - t0)))
 
-    @staticmethod
-    def demand_w(power_w: float, paused_share: float, idle_w: float) -> float:
-        """An upper bound of what the replica would draw without its cap: the power above idle
-        scaled by the time the cap's pauses (`paused_share`) took away from computing."""
-        return idle_w + max(0.0, power_w - idle_w) / max(1.0 - paused_share, MIN_DUTY)
-
     def _demand(self, power_w: float, paused_share: float, idle_w: float) -> float:
         """What the replica would draw without its cap, steady while the cap pauses the engine.
 
@@ -209,7 +203,8 @@ class ReplicaMeter:
         over the last window without a pause is kept, and a paused window may only lower it (a
         load that falls under the cap still lifts the cap). What it misses, a load that grows while
         the cap pauses the engine, shows once the budget is lifted or the load lets the cap go."""
-        estimate = self.demand_w(power_w, paused_share, idle_w)
+        # An upper bound: the power above idle scaled by the time the pauses took from computing.
+        estimate = idle_w + max(0.0, power_w - idle_w) / max(1.0 - paused_share, MIN_DUTY)
         if paused_share <= 0.0 or self._free_demand_w is None:
             if paused_share <= 0.0:
                 self._free_demand_w = estimate

@@ -259,7 +259,7 @@ class Ledger:
                     name=name, kind=kind, tokens=tokens, price=price_text, currency=currency, valid_days=valid_days,
                     category=category, rollover=int(bool(rollover)), now=when_text(utcnow()),
                 )  # fmt: skip
-                return plan_from(db.execute(PLAN_SQL + " WHERE name = :name", name=name).fetchone())
+                return _plan(db, name)[1]
         except IntegrityError as err:
             if store.duplicate_key(err):
                 raise LedgerError(f"plan {name!r} already exists") from None
@@ -277,7 +277,7 @@ class Ledger:
             _plan(db, name)
             db.execute("UPDATE plans SET retired_at = :now WHERE name = :name AND retired_at IS NULL",
                        now=when_text(utcnow()), name=name)  # fmt: skip
-            return _plan(db, name)
+            return _plan(db, name)[1]
 
     def buy(self, tenant: str, plan: str, *, now: datetime | None = None, tz: str = "UTC") -> Package:
         """The tenant buys `plan`: its package (for a monthly plan, a subscription and this
@@ -292,20 +292,20 @@ class Ledger:
                 tenant_id = db.lock_tenants([tenant]).get(tenant)
                 if tenant_id is None:
                     raise UnknownTenant(tenant)
-                row = _plan_row(db, plan)
-                kind = row["kind"]
-                if row["retired_at"] is not None:
+                plan_id, p = _plan(db, plan)
+                kind = p.kind
+                if p.retired_at is not None:
                     raise LedgerError(f"plan {plan!r} is no longer sold")
-                fields = dict(tokens=row["tokens"], price=row["price"], currency=row["currency"], kind=row["kind"],
-                              category=row["category"], plan_id=row["id"], now=when_text(now))  # fmt: skip
-                if row["kind"] != "monthly":
-                    days = row["valid_days"]
-                    expires = None if days is None else when_text(now + timedelta(days=days))
+                price = None if p.price is None else money_text(p.price, "price")
+                fields = dict(tokens=p.tokens, price=price, currency=p.currency, kind=p.kind, category=p.category,
+                              plan_id=plan_id, now=when_text(now))  # fmt: skip
+                if p.kind != "monthly":
+                    expires = None if p.valid_days is None else when_text(now + timedelta(days=p.valid_days))
                     return _insert_package(db, tenant_id, expires_at=expires, **fields)
                 sub_id = db.execute(
                     "INSERT INTO subscriptions (tenant_id, plan_id, started_at, timezone) VALUES (:t, :p, :now, :tz)"
                     " RETURNING id",
-                    t=tenant_id, p=row["id"], now=when_text(now), tz=tz,
+                    t=tenant_id, p=plan_id, now=when_text(now), tz=tz,
                 ).scalar_one()  # fmt: skip
                 start = month_start(now, zone)
                 return _insert_package(
@@ -323,7 +323,7 @@ class Ledger:
         no live subscription."""
         with self.transaction() as db:
             tenant_id = settlement.tenant_id(db, tenant)
-            plan_id = _plan_row(db, plan)["id"]
+            plan_id, _ = _plan(db, plan)
             done = db.execute(
                 "UPDATE subscriptions SET cancelled_at = :now WHERE tenant_id = :t AND plan_id = :p"
                 " AND cancelled_at IS NULL RETURNING id",
@@ -627,22 +627,12 @@ def next_month(start: datetime) -> datetime:
     return datetime(year, month, 1, tzinfo=start.tzinfo)
 
 
-def _plan_row(db, name: str) -> dict:
-    row = db.execute(
-        "SELECT id, kind, tokens, price, currency, valid_days, category, rollover, retired_at FROM plans"
-        " WHERE name = :name",
-        name=name,
-    ).fetchone()
+def _plan(db, name: str) -> tuple[int, Plan]:
+    """(its id, the plan) of the plan called `name`."""
+    row = db.execute(PLAN_SQL.replace("SELECT ", "SELECT id, ", 1) + " WHERE name = :name", name=name).fetchone()
     if row is None:
         raise LedgerError(f"unknown plan {name!r}")
-    return dict(row._mapping)
-
-
-def _plan(db, name: str) -> Plan:
-    row = db.execute(PLAN_SQL + " WHERE name = :name", name=name).fetchone()
-    if row is None:
-        raise LedgerError(f"unknown plan {name!r}")
-    return plan_from(row)
+    return row[0], plan_from(row[1:])
 
 
 def _insert_package(db, tenant_id: int, *, tokens: int, now: str, kind: str = "pack", rolled_in: int = 0,

@@ -23,7 +23,6 @@ import time
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -100,8 +99,7 @@ _IN_OPERATOR_ZONE = {"buy", "statement"}  # months are counted in the operator's
 class LedgerService:
     def __init__(self, target: str, *, reservation_ttl_s: float, commit_interval_ms: float, timezone: str = "UTC"):
         self._ledger = Ledger(target)
-        self._tz = timezone  # the operator's zone: a new subscription's months are counted in it
-        ZoneInfo(timezone)  # a bad name fails here, at start, not at the first purchase
+        self._tz = timezone  # the operator's zone (the config checked it): months of subscriptions, statements
         self._ttl_s = reservation_ttl_s
         self._commit_s = commit_interval_ms / 1000.0
         self._batch: list[tuple[dict[str, Any], asyncio.Future]] = []
